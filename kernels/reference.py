@@ -1,0 +1,190 @@
+"""Plain-torch reference twins of every kernel: the spec the fast paths are tested against.
+
+Readable, unfused, and computed in float64 (inputs are upcast), holding the full [N, V] logits
+where an op needs them. Conventions shared by all ops:
+  - `mask` marks response tokens (1 = counted), contiguous per row, any left or right offset;
+  - masked positions of every per-token output are 0;
+  - the value after a row's last valid token is 0;
+  - "token-mean" = sum over all masked tokens of the batch / their count.
+"""
+import torch
+
+F64 = torch.float64
+
+
+def _logits(hidden, weight, bias, temperature):
+    logits = hidden.to(F64) @ weight.to(F64).T
+    if bias is not None:
+        logits = logits + bias.to(F64)
+    return logits / temperature
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
+                   ignore_index=-100):
+    """log softmax(hidden @ weight.T + bias)/temperature)[target], and the entropy, per token.
+
+    hidden (..., D), weight (V, D), targets (...). Rows whose target is ignore_index give 0.
+    """
+    logp = torch.log_softmax(_logits(hidden, weight, bias, temperature), dim=-1)
+    valid = targets != ignore_index
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(valid, picked, torch.zeros_like(picked))
+    entropy = None
+    if return_entropy:
+        entropy = -(logp.exp() * logp).sum(-1)
+        entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logprobs, entropy
+
+
+def token_kl(hidden, ref_hidden, weight, targets=None, *, bias=None, temperature=1.0,
+             ignore_index=-100):
+    """Exact KL(pi || pi_ref) over the whole vocabulary, per token; 0 where target == ignore_index."""
+    logp = torch.log_softmax(_logits(hidden, weight, bias, temperature), dim=-1)
+    logq = torch.log_softmax(_logits(ref_hidden, weight, bias, temperature), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    if targets is not None:
+        kl = torch.where(targets != ignore_index, kl, torch.zeros_like(kl))
+    return kl
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimators of KL(pi || pi_ref) from sampled-token log-probs (Schulman, 2020)."""
+    log_ratio = logprobs.to(F64) - ref_logprobs.to(F64)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def masked_sum(x, mask):
+    return (x * mask).sum()
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+def last_valid_index(mask):
+    """Index of each row's last masked token (rows with none give -1)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).amax(-1)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=0.2,
+                    dual_clip=None, loss_agg="token-mean"):
+    """PPO's clipped surrogate: agg of max(-A r, -A clip(r, 1-clip_low, 1+clip_high)), r = exp(lp - old).
+
+    dual_clip c (> 1) also bounds the loss of negative-advantage tokens by -c A (Ye et al., 2020).
+    loss_agg: "token-mean" over the batch's masked tokens, or "seq-mean-token-mean".
+    """
+    mask = mask.to(F64)
+    adv = advantages.to(F64)
+    log_ratio = logprobs.to(F64) - old_logprobs.to(F64)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
+    if loss_agg == "token-mean":
+        loss = masked_mean(per_token, mask)
+    elif loss_agg == "seq-mean-token-mean":
+        rows = mask.sum(-1) > 0
+        per_row = (per_token * mask).sum(-1)[rows] / mask.sum(-1)[rows]
+        loss = per_row.mean()
+    else:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).to(F64), mask),
+        "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": ratio.masked_fill(mask == 0, float("-inf")).max(),
+    }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2):
+    """0.5 x token-mean of max((v - R)^2, (old + clip(v - old, -clip, clip) - R)^2)."""
+    mask = mask.to(F64)
+    v, old, ret = values.to(F64), old_values.to(F64), returns.to(F64)
+    v_clipped = old + (v - old).clamp(-clip, clip)
+    err, err_clipped = (v - ret) ** 2, (v_clipped - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    residual_var = masked_var(ret - v, mask)
+    stats = {
+        "clipfrac": masked_mean((err_clipped > err).to(F64), mask),
+        "explained_variance": 1 - residual_var / masked_var(ret, mask),
+    }
+    return loss, stats
+
+
+def masked_var(x, mask, unbiased=True):
+    mask = mask.to(F64)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        var = var * count / (count - 1)
+    return var
+
+
+def kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimator="k1"):
+    """InstructGPT's per-token reward: -kl_coef x KL_t, plus the sequence score at the last token."""
+    mask = mask.to(F64)
+    rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    last = last_valid_index(mask)
+    rows = torch.nonzero(last >= 0).squeeze(-1)
+    rewards[rows, last[rows]] += scores.to(F64)[rows]
+    return rewards
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation by the textbook reverse loop over time.
+
+    delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after a row's last valid token;
+    A_t = delta_t + gamma lam A_{t+1}. Returns (advantages, returns = advantages + values), 0 off-mask.
+    """
+    mask = mask.to(F64)
+    r, v = rewards.to(F64) * mask, values.to(F64) * mask
+    adv = torch.zeros_like(r)
+    next_value = torch.zeros_like(r[:, 0])
+    next_adv = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
+        # off-mask positions carry nothing backwards: a row's value after its last token is 0
+        next_value = v[:, t]
+        next_adv = adv[:, t]
+    return adv, (adv + v) * mask
+
+
+def masked_whiten(x, mask, *, shift_mean=True):
+    """(x - mean) / std over the masked entries (unbiased variance, as TRL); 0 off-mask."""
+    mask = mask.to(F64)
+    x = x.to(F64)
+    mean = masked_mean(x, mask)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, ref_logprobs=None,
+                    bias=None, clip_low=0.2, clip_high=0.2, kl_coef=0.0, kl_estimator="k3",
+                    entropy_coef=0.0, temperature=1.0):
+    """token-mean over mask of [clipped surrogate + kl_coef x KL(lp, ref) - entropy_coef x entropy]."""
+    logprobs, entropy = token_logprobs(hidden, weight, targets.masked_fill(mask == 0, 0), bias=bias,
+                                       temperature=temperature, return_entropy=True)
+    maskf = mask.to(F64)
+    policy, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask,
+                                    clip_low=clip_low, clip_high=clip_high)
+    loss = policy - entropy_coef * masked_mean(entropy, maskf)
+    stats = dict(stats, entropy=masked_mean(entropy, maskf))
+    if ref_logprobs is not None:
+        kl = masked_mean(kl_penalty(logprobs, ref_logprobs, kl_estimator), maskf)
+        loss = loss + kl_coef * kl
+        stats["kl"] = kl
+    return loss, stats

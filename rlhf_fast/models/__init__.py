@@ -1,0 +1,1 @@
+"""Model loading and the one-trunk roles (policy, reference, value, reward)."""

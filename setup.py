@@ -1,0 +1,38 @@
+"""rlhf_fast: a performance-focused RLHF trainer for Hugging Face causal LMs.
+
+`kernels/` is installed as `rlhf_fast.kernels` through `package_dir`: a top-level
+`kernels` module would shadow the Hugging Face `kernels` package that transformers
+probes for.
+"""
+from setuptools import setup
+
+setup(
+    name="rlhf_fast",
+    version="0.1.0",
+    description="Fast, memory-lean single-node RLHF (SFT, reward models, PPO, DPO, "
+                "rejection sampling) with fused Triton kernels",
+    python_requires=">=3.10",
+    packages=["rlhf_fast", "rlhf_fast.stages", "rlhf_fast.models", "rlhf_fast.kernels"],
+    package_dir={"rlhf_fast.kernels": "kernels"},
+    package_data={"rlhf_fast.kernels": ["csrc/*.cpp", "_native/*.so"]},
+    install_requires=[
+        # torch is a floor only: a GPU machine keeps the CUDA torch it has; on a CPU
+        # machine scripts/install.sh installs the CPU wheel before this runs.
+        "torch>=2.11",
+        "triton>=3.4; platform_system == 'Linux'",
+        "transformers>=4.56",
+        "safetensors",
+        "numpy",
+        "peft>=0.17",
+        "tokenizers",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis"],
+        "bench": ["liger-kernel", "cut-cross-entropy"],
+        "flash": ["flash-attn"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["rlhf-fast = rlhf_fast.cli:main"]},
+)
