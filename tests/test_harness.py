@@ -63,3 +63,13 @@ def test_cli_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for name in ("demo", "selfcheck"):
         assert name in out
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text().splitlines()
+    commands = [line for line in readme[:6] if line.startswith("bash ")]
+    assert len(commands) == 2, f"README must open with exactly two commands, found {commands}"
+    assert commands[1] in (root / ".ci" / "run").read_text()
