@@ -1,5 +1,305 @@
-"""Placeholder until the fused op lands."""
+"""token_logprobs: per-token log-probs (and entropies) straight from hidden states and the LM head.
+
+log p(target) = z[target] - logsumexp(z), z = (hidden @ weight.T + bias) / temperature, without ever
+holding the (N, V) logits: rows are walked in chunks (kernels/_logits_chunks.py), each chunk's logits
+made by one GEMM, reduced, and thrown away. The backward recomputes each chunk's logits (one GEMM),
+turns them in place into d loss / d logits, and makes d hidden and d weight with two more GEMMs.
+
+Backends: "torch" does the per-chunk math in fp32 torch ops (the lean CPU path); "triton" keeps the
+GEMMs on cuBLAS in the inputs' dtype and does the per-row softmax / gradient in one Triton kernel
+each (docs/decisions.md says why); "reference" is kernels.reference in float64.
+"""
+import torch
+
+from . import reference
+from ._dispatch import resolve_backend, triton_available
+from ._logits_chunks import check_targets, chunks, flatten_head_inputs, rows_per_chunk
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+# Widest vocab block a row program loads at once; V is walked in blocks of min(next_pow2(V), this).
+# 4096 fp32 values = 16 KiB per block in registers over 8 warps. To be tuned on H100 (issue 7).
+MAX_BLOCK_V = 4096
+NUM_WARPS = 8
+
+if triton_available():
+
+    @triton.jit
+    def _scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS: tl.constexpr):
+        """(z + bias) / temperature in fp32 for one block of a row; -inf where masked."""
+        z = tl.load(z_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, z / temperature, float("-inf"))
+
+    @triton.jit
+    def _token_logprobs_fwd_kernel(
+        # pointers
+        z_ptr, bias_ptr, targets_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
+        # sizes and scalars
+        V, ignore_index, temperature,
+        # strides
+        stride_zm,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """One program per row: online max / sum-exp / sum p*(z - max) over V, then lp and H."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row_ptr = z_ptr + row * stride_zm
+        target = tl.load(targets_ptr + row).to(tl.int64)
+
+        # finite start so that (m_old - m_new) * s is 0, not inf * 0, on the first block
+        m = -1e30
+        s = 0.0
+        t = 0.0  # sum over V of exp(z - m) * (z - m)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            z = _scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new)
+            if WANT_ENTROPY:
+                shifted = tl.where(mask, z - m_new, 0.0)
+                t = alpha * (t + (m - m_new) * s) + tl.sum(e * shifted, axis=0)
+            s = alpha * s + tl.sum(e, axis=0)
+            m = m_new
+        log_s = tl.log(s)
+        lse = m + log_s
+
+        counted = target != ignore_index
+        in_vocab = (target >= 0) & (target < V)
+        safe_target = tl.where(in_vocab, target, 0)
+        z_target = tl.load(z_row_ptr + safe_target).to(tl.float32)
+        if HAS_BIAS:
+            z_target += tl.load(bias_ptr + safe_target).to(tl.float32)
+        logprob = tl.where(in_vocab, z_target / temperature - lse, float("nan"))
+        tl.store(logprobs_ptr + row, tl.where(counted, logprob, 0.0))
+        tl.store(lse_ptr + row, lse)
+        if WANT_ENTROPY:
+            tl.store(entropy_ptr + row, tl.where(counted, log_s - t / s, 0.0))
+
+    @triton.jit
+    def _token_logprobs_bwd_kernel(
+        # pointers (z is overwritten in place by d loss / d z_raw)
+        z_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_lp_ptr, grad_ent_ptr,
+        # sizes and scalars
+        V, ignore_index, temperature,
+        # strides
+        stride_zm,
+        # meta-parameters
+        HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """dz = (g_lp * (onehot - p) - g_ent * p * (log p + H)) / temperature, row by row."""
+        row = tl.program_id(0).to(tl.int64)
+        z_row_ptr = z_ptr + row * stride_zm
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        counted = target != ignore_index
+        lse = tl.load(lse_ptr + row)
+        g_lp = tl.where(counted, tl.load(grad_lp_ptr + row), 0.0)
+        if HAS_GRAD_ENTROPY:
+            g_ent = tl.where(counted, tl.load(grad_ent_ptr + row), 0.0)
+            entropy = tl.load(entropy_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            logp = _scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS) - lse
+            p = tl.exp(logp)
+            if HAS_GRAD_ENTROPY:
+                coef = g_lp + g_ent * (tl.where(mask, logp, 0.0) + entropy)
+            else:
+                coef = g_lp
+            grad = tl.where(offs == target, g_lp, 0.0) - p * coef
+            tl.store(z_row_ptr + offs, (grad / temperature).to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def token_logprobs(*args, **kwargs):
-    raise NotImplementedError("token_logprobs is not implemented yet")
+def _block_v(vocab):
+    return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+
+
+def _check_chunk(z, targets):
+    if z.dim() != 2 or z.stride(1) != 1 or targets.shape != (z.shape[0],):
+        raise ValueError(f"token_logprobs: expected row-major logits (M, V) and targets (M,), "
+                         f"got {tuple(z.shape)} strides {z.stride()} and {tuple(targets.shape)}")
+
+
+def _stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
+    """z (M, V) raw logits of a chunk, any float dtype -> (logprobs, lse, entropy | None), fp32 (M,)."""
+    _check_chunk(z, targets)
+    rows, vocab = z.shape
+    logprobs = torch.empty(rows, device=z.device, dtype=torch.float32)
+    lse = torch.empty_like(logprobs)
+    entropy = torch.empty_like(logprobs) if want_entropy else lse
+    _token_logprobs_fwd_kernel[(rows,)](
+        z, z if bias is None else bias, targets, logprobs, entropy, lse,
+        vocab, ignore_index, temperature,
+        z.stride(0),
+        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_V=_block_v(vocab),
+        num_warps=NUM_WARPS,
+    )
+    return logprobs, lse, entropy if want_entropy else None
+
+
+def _grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
+    """Overwrite the chunk's raw logits z (M, V) with d loss / d z and return it."""
+    _check_chunk(z, targets)
+    rows, vocab = z.shape
+    has_grad_entropy = grad_ent is not None
+    _token_logprobs_bwd_kernel[(rows,)](
+        z, z if bias is None else bias, targets, lse, entropy if has_grad_entropy else lse,
+        grad_lp, grad_ent if has_grad_entropy else grad_lp,
+        vocab, ignore_index, temperature,
+        z.stride(0),
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab),
+        num_warps=NUM_WARPS,
+    )
+    return z
+
+
+def _scale_torch(z, bias, temperature):
+    if bias is not None:
+        z += bias
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+def _stats_torch(z, bias, targets, temperature, want_entropy, ignore_index):
+    """Same contract as _stats_triton, in fp32 torch ops on the chunk (z is fp32 and is clobbered)."""
+    logp = _scale_torch(z, bias, temperature)
+    lse = torch.logsumexp(logp, dim=-1)
+    logp -= lse.unsqueeze(-1)
+    counted = targets != ignore_index
+    picked = logp.gather(-1, targets.clamp(0, z.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(counted, picked, 0.0)
+    entropy = None
+    if want_entropy:
+        p_logp = torch.exp(logp).mul_(logp)
+        entropy = torch.where(counted, -p_logp.sum(-1), 0.0)
+    return logprobs, lse, entropy
+
+
+def _grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
+    """Same contract as _grad_triton, in fp32 torch ops: two (M, V) buffers, z's and p's."""
+    counted = targets != ignore_index
+    g_lp = torch.where(counted, grad_lp, 0.0).unsqueeze(-1)
+    logp = _scale_torch(z, bias, temperature).sub_(lse.unsqueeze(-1))
+    p = torch.exp(logp)
+    if grad_ent is None:
+        grad = p.mul_(g_lp).neg_()
+    else:
+        g_ent = torch.where(counted, grad_ent, 0.0).unsqueeze(-1)
+        grad = logp.add_(entropy.unsqueeze(-1)).mul_(g_ent).add_(g_lp).mul_(p).neg_()
+    grad.scatter_add_(1, targets.clamp(min=0).unsqueeze(-1), g_lp)
+    if temperature != 1.0:
+        grad /= temperature
+    return grad
+
+
+# backend -> (chunk stats, chunk gradient, GEMM dtype (None: the inputs'), grad-accumulation dtype)
+_CHUNK_MATH = {
+    "torch": (_stats_torch, _grad_torch, torch.float32, torch.float32),
+    "triton": (_stats_triton, _grad_triton, None, None),
+}
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Chunked fused LM head -> per-token log-probs (and entropies) with a fused, recomputing backward.
+
+    forward(hidden (N, D), weight (V, D), bias (V,) | None, targets (N,) int, temperature,
+    want_entropy, ignore_index, backend) -> logprobs (N,) fp32, entropy (N,) fp32 (zeros if not
+    wanted). Saves only hidden, weight, bias, targets and per-row lse / entropy: O(N), never (N, V).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, backend):
+        stats, _, gemm_dtype, _ = _CHUNK_MATH[backend]
+        w = weight if gemm_dtype is None else weight.to(gemm_dtype)
+        b = None if bias is None else bias.float()
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        size = rows_per_chunk(n_rows, vocab, hidden.device, w.element_size())
+        buffer = torch.empty(size, vocab, device=hidden.device, dtype=w.dtype)
+        logprobs = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+        lse = torch.empty_like(logprobs)
+        entropy = torch.zeros_like(logprobs)
+        for start, end in chunks(n_rows, size):
+            z = torch.mm(hidden[start:end].to(w.dtype), w.t(), out=buffer[: end - start])
+            lp, lse[start:end], ent = stats(z, b, targets[start:end], temperature, want_entropy,
+                                            ignore_index)
+            logprobs[start:end] = lp
+            if want_entropy:
+                entropy[start:end] = ent
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.config = (temperature, want_entropy, ignore_index, backend)
+        ctx.mark_non_differentiable(targets)
+        if not want_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        temperature, want_entropy, ignore_index, backend = ctx.config
+        _, grad_fn, gemm_dtype, acc_dtype = _CHUNK_MATH[backend]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w = weight if gemm_dtype is None else weight.to(gemm_dtype)
+        b = None if bias is None else bias.float()
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        g_lp = (torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float()).contiguous()
+        g_ent = None
+        if want_entropy and grad_entropy is not None:
+            g_ent = grad_entropy.float().contiguous()
+
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device,
+                                  dtype=acc_dtype or weight.dtype) if need_w else None
+        grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
+        size = rows_per_chunk(n_rows, vocab, hidden.device, w.element_size())
+        buffer = torch.empty(size, vocab, device=hidden.device, dtype=w.dtype)
+        for start, end in chunks(n_rows, size):
+            h = hidden[start:end].to(w.dtype)
+            z = torch.mm(h, w.t(), out=buffer[: end - start])
+            rows = slice(start, end)
+            grad_z = grad_fn(z, b, targets[rows], lse[rows], entropy[rows], g_lp[rows],
+                             None if g_ent is None else g_ent[rows], temperature, ignore_index)
+            if need_h:
+                grad_hidden[rows] = grad_z @ w
+            if need_w:
+                grad_weight.addmm_(grad_z.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+            if need_b:
+                grad_bias += grad_z.sum(0, dtype=torch.float32)
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+                None, None, None, None, None)
+
+
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False,
+                   ignore_index=-100, backend="auto"):
+    """Per-token log p(target) (and entropy) of softmax((hidden @ weight.T + bias) / temperature).
+
+    hidden: (N, D) or (B, T, D), bf16/fp16/fp32; weight: (V, D), hidden's dtype; targets: int,
+    hidden's leading shape, ignore_index where there is none; bias: (V,) or None.
+    Returns (logprobs, entropy | None), fp32 with hidden's leading shape; ignore_index rows are 0
+    and pass no gradient. Gradients go to hidden, weight and bias, each only if it requires grad.
+    Never holds the (N, V) logits (memory O(chunk x V)); deterministic (no atomics).
+    """
+    op = "token_logprobs"
+    backend = resolve_backend(backend, hidden, op)
+    if temperature <= 0:
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
+    if targets.dtype.is_floating_point:
+        raise TypeError(f"{op}: targets must be an integer tensor, got {targets.dtype}")
+    if backend == "reference":
+        logprobs, entropy = reference.token_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature,
+            return_entropy=return_entropy, ignore_index=ignore_index)
+        return logprobs.float(), None if entropy is None else entropy.float()
+    hidden2, (targets1,), lead = flatten_head_inputs(op, hidden, weight, bias, targets)
+    check_targets(op, targets1, weight.shape[0], ignore_index)
+    logprobs, entropy = TokenLogprobsFunction.apply(
+        hidden2, weight, bias, targets1.contiguous(), float(temperature), bool(return_entropy),
+        int(ignore_index), backend)
+    return logprobs.view(lead), entropy.view(lead) if return_entropy else None
