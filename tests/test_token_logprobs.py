@@ -1,0 +1,185 @@
+"""token_logprobs (torch and interpreted Triton backends) against the fp64 spec in kernels.reference."""
+import pytest
+import torch
+
+from compare import assert_rel_close, relative_error
+from rlhf_fast.kernels import _logits_chunks, reference, token_logprobs
+
+BACKENDS = ["torch", "triton"]
+# (N, D, V): none a multiple of a block; N=1 and a ragged last chunk included.
+SHAPES = [(1, 16, 50), (37, 24, 257), (130, 48, 1000), (300, 96, 3001)]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """A 50 kB chunk budget, so every test walks several chunks (4 to 250 rows) with a ragged last one."""
+    monkeypatch.setattr(_logits_chunks, "CPU_CHUNK_BYTES", 50_000)
+
+
+def make_inputs(n, d, v, dtype=torch.float32, bias=True, ignore_every=5):
+    hidden = torch.randn(n, d).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d) / d ** 0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(v) * 0.5).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,))
+    targets[1::ignore_every] = -100
+    return hidden, weight, b, targets
+
+
+def run(fn, hidden, weight, bias, targets, grad_lp, grad_ent, **kw):
+    """Values and the gradients of sum(grad_lp * lp + grad_ent * H) w.r.t. every input that has one."""
+    leaves = [x.detach().clone().requires_grad_(x.requires_grad) if x is not None else None
+              for x in (hidden, weight, bias)]
+    lp, ent = fn(leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True, **kw)
+    (lp * grad_lp.to(lp.dtype) + ent * grad_ent.to(ent.dtype)).sum().backward()
+    return lp, ent, [None if x is None else x.grad for x in leaves]
+
+
+def fp64_spec(hidden, weight, bias, targets, grad_lp, grad_ent, **kw):
+    up = [None if x is None else x.detach().double().requires_grad_(x.requires_grad)
+          for x in (hidden, weight, bias)]
+    return run(reference.token_logprobs, *up, targets, grad_lp, grad_ent, **kw)
+
+
+def eager_bf16(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=True):
+    """What a trainer writes without fused kernels: low-precision logits, then fp32 log_softmax."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    counted = targets != -100
+    lp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * counted
+    ent = -(logp.exp() * logp).sum(-1) * counted
+    return lp, ent
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,v", SHAPES)
+def test_fp32_values_and_gradients(backend, n, d, v):
+    temperature = 0.7 if v % 2 else 1.0
+    hidden, weight, bias, targets = make_inputs(n, d, v, bias=v != 257)
+    grad_lp, grad_ent = torch.randn(n), torch.randn(n)
+    out = run(token_logprobs, hidden, weight, bias, targets, grad_lp, grad_ent,
+              temperature=temperature, backend=backend)
+    ref = fp64_spec(hidden, weight, bias, targets, grad_lp, grad_ent, temperature=temperature)
+    assert out[0].dtype == out[1].dtype == torch.float32
+    for name, got, want in zip(["logprobs", "entropy"], out[:2], ref[:2]):
+        assert_rel_close(got, want, 1e-5, name)
+    for name, got, want in zip(["d hidden", "d weight", "d bias"], out[2], ref[2]):
+        if want is None:
+            assert got is None, f"{name} should not exist"
+        else:
+            assert got.dtype == torch.float32
+            assert_rel_close(got, want, 1e-5, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_is_within_twice_eager_bf16(backend):
+    n, d, v = 67, 64, 1000
+    hidden, weight, bias, targets = make_inputs(n, d, v, dtype=torch.bfloat16)
+    grad_lp, grad_ent = torch.randn(n), torch.randn(n)
+    kw = dict(temperature=0.9)
+    ours = run(token_logprobs, hidden, weight, bias, targets, grad_lp, grad_ent, backend=backend, **kw)
+    eager = run(eager_bf16, hidden, weight, bias, targets, grad_lp, grad_ent, **kw)
+    ref = fp64_spec(hidden, weight, bias, targets, grad_lp, grad_ent, **kw)
+    names = ["logprobs", "entropy", "d hidden", "d weight", "d bias"]
+    for name, got, base, want in zip(names, [*ours[:2], *ours[2]], [*eager[:2], *eager[2]],
+                                     [*ref[:2], *ref[2]]):
+        assert got.dtype == (torch.float32 if name in names[:2] else torch.bfloat16), name
+        bound = 2 * relative_error(base, want) + 1e-3
+        assert_rel_close(got, want, bound, f"bf16 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_are_zero_and_pass_no_gradient(backend):
+    hidden, weight, bias, targets = make_inputs(41, 16, 257, ignore_every=3)
+    targets[-1] = -1  # a custom ignore_index
+    targets[1::3] = -1
+    lp, ent = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                             ignore_index=-1, backend=backend)
+    (lp + ent).sum().backward()
+    ignored = targets == -1
+    assert torch.all(lp[ignored] == 0) and torch.all(ent[ignored] == 0)
+    assert torch.all(hidden.grad[ignored] == 0)
+    assert torch.all(lp[~ignored] < 0) and torch.all(ent[~ignored] > 0)
+    assert torch.all(hidden.grad[~ignored].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uninitialised_memory_never_leaks(backend):
+    """torch.empty poisoned with NaN: every output and gradient element must be written."""
+    hidden, weight, bias, targets = make_inputs(29, 16, 257)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        lp, ent = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                 backend=backend)
+        (lp - ent).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    for x in (lp, ent, hidden.grad, weight.grad, bias.grad):
+        assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only_and_logprobs_only_gradients(backend):
+    hidden, weight, bias, targets = make_inputs(23, 32, 257)
+    zero, ones = torch.zeros(23), torch.ones(23)
+    for grad_lp, grad_ent in [(zero, ones), (ones, zero)]:
+        lp, ent = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                 backend=backend)
+        (ent if grad_ent is ones else lp).sum().backward()
+        ref = fp64_spec(hidden, weight, bias, targets, grad_lp, grad_ent)
+        for name, x, want in zip(["d hidden", "d weight", "d bias"], (hidden, weight, bias), ref[2]):
+            assert_rel_close(x.grad, want, 1e-5, name)
+            x.grad = None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_3d_input_frozen_head_and_no_entropy(backend):
+    b, t, d, v = 3, 11, 16, 50
+    hidden = torch.randn(b, t, d, requires_grad=True)
+    weight = torch.randn(v, d)  # frozen LM head: no weight gradient is made
+    targets = torch.randint(0, v, (b, t))
+    lp, ent = token_logprobs(hidden, weight, targets, backend=backend)
+    assert ent is None and lp.shape == (b, t)
+    lp.sum().backward()
+    assert weight.grad is None
+    h64 = hidden.detach().double().requires_grad_()
+    want, _ = reference.token_logprobs(h64, weight.double(), targets)
+    want.sum().backward()
+    assert_rel_close(lp, want, 1e-5, "logprobs")
+    assert_rel_close(hidden.grad, h64.grad, 1e-5, "d hidden")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_runs_are_bitwise_equal(backend):
+    hidden, weight, bias, targets = make_inputs(53, 24, 1000)
+    grad_lp, grad_ent = torch.randn(53), torch.randn(53)
+    first = run(token_logprobs, hidden, weight, bias, targets, grad_lp, grad_ent, backend=backend)
+    second = run(token_logprobs, hidden, weight, bias, targets, grad_lp, grad_ent, backend=backend)
+    for a, b in zip([*first[:2], *first[2]], [*second[:2], *second[2]]):
+        assert torch.equal(a, b)
+
+
+def test_reference_backend_is_fp32_and_differentiable():
+    hidden, weight, bias, targets = make_inputs(7, 16, 50)
+    lp, ent = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                             backend="reference")
+    assert lp.dtype == ent.dtype == torch.float32
+    (lp + ent).sum().backward()
+    assert hidden.grad is not None and weight.grad is not None and bias.grad is not None
+
+
+def test_bad_inputs_fail_with_a_message():
+    hidden, weight, _, targets = make_inputs(5, 16, 50, bias=False)
+    with pytest.raises(ValueError, match=r"weight must be \(V, D=16\)"):
+        token_logprobs(hidden, weight[:, :8], targets)
+    with pytest.raises(TypeError, match="dtype"):
+        token_logprobs(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match="leading shape"):
+        token_logprobs(hidden, weight, targets[:4])
+    with pytest.raises(IndexError, match=r"\[0, V=50\)"):
+        token_logprobs(hidden, weight, torch.full((5,), 50))
+    with pytest.raises(ValueError, match="unknown backend"):
+        token_logprobs(hidden, weight, targets, backend="cuda")
