@@ -12,7 +12,7 @@ setup(
     description="Fast, memory-lean single-node RLHF (SFT, reward models, PPO, DPO, "
                 "rejection sampling) with fused Triton kernels",
     python_requires=">=3.10",
-    packages=["rlhf_fast", "rlhf_fast.stages", "rlhf_fast.models", "rlhf_fast.kernels"],
+    packages=["rlhf_fast", "rlhf_fast.stages", "rlhf_fast.models", "rlhf_fast.demo", "rlhf_fast.kernels"],
     package_dir={"rlhf_fast.kernels": "kernels"},
     package_data={"rlhf_fast.kernels": ["csrc/*.cpp", "_native/*.so"]},
     install_requires=[

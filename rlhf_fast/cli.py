@@ -1,29 +1,61 @@
-"""`rlhf-fast <command> [--config x.yaml] [--key value ...]`: one entry point for every stage."""
-import argparse
+"""`rlhf-fast <command> [--config x.yaml] [--key value ...]`: one entry point for every stage.
+
+Each stage module exposes a config dataclass and `run(config)`; the flags and their help are
+generated from the dataclass, so `rlhf-fast ppo --help` always matches the code.
+"""
 import importlib
 import sys
 
-# command -> (module, one-line help); modules are imported only when their command runs
+from rlhf_fast.config import ConfigError, help_text, load_config, parse_overrides
+
+# command -> (module, config class name or None for a module with its own main(), one-line help)
 COMMANDS = {
-    "demo": ("rlhf_fast.demo", "the embedded end-to-end pipeline on a tiny model, no downloads"),
-    "selfcheck": ("rlhf_fast.selfcheck", "every kernel on every available backend vs its fp64 reference"),
+    "sft": ("rlhf_fast.stages.sft", "SFTConfig", "supervised fine-tuning on demonstrations"),
+    "rm": ("rlhf_fast.stages.rm", "RMConfig", "reward model from pairwise preferences or rankings"),
+    "ppo": ("rlhf_fast.stages.ppo", "PPOConfig", "PPO against a reward model with a per-token KL penalty"),
+    "pipeline": ("rlhf_fast.stages.pipeline", "PipelineConfig", "SFT -> reward model -> PPO, chained"),
+    "demo": ("rlhf_fast.demo", None, "the embedded end-to-end pipeline on a tiny model, no downloads"),
+    "selfcheck": ("rlhf_fast.selfcheck", None, "every kernel on this machine's backends vs its fp64 reference"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    return parser
+def usage() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"  {name:<{width}}{help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return ("usage: rlhf-fast <command> [--config FILE.yaml] [--key value ...]\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`rlhf-fast <command> --help` lists that command's keys.")
+
+
+def run_stage(module, class_name: str, argv: list[str], prog: str) -> int:
+    cls = getattr(module, class_name)
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: {prog} [--config FILE.yaml] [--key value ...]\n\n{cls.__doc__}\n\nkeys:\n{help_text(cls)}")
+        return 0
+    overrides = parse_overrides(argv)
+    config = load_config(cls, overrides.pop("config", None), overrides)
+    module.run(config)
+    return 0
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return module.main(rest, prog=f"rlhf-fast {args.command}") or 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"rlhf-fast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name, class_name, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    prog = f"rlhf-fast {command}"
+    try:
+        if class_name is None:
+            return module.main(rest, prog=prog) or 0
+        return run_stage(module, class_name, rest, prog)
+    except ConfigError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The demo's synthetic world: prompts that ask for words of a topic, a noisy demonstrator, and a
+hidden "human" oracle whose preferences have reasons a reward model can learn.
+
+The oracle likes distinct on-topic words, dislikes off-topic words and repeats, and dislikes
+lists longer than six words. Demonstrations rarely exceed six words, so a reward model trained on
+rankings of SFT samples sees little of that last rule: a policy that over-optimises the reward
+model by growing its lists would show as a gap between the reward model's score and the oracle's.
+The oracle is only ever used to label rankings and to evaluate, never as the PPO reward.
+"""
+import random
+
+TOPICS = {
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
+    "animal": ["cat", "dog", "horse", "mouse", "tiger", "zebra", "otter", "camel"],
+    "color": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
+    "tool": ["hammer", "saw", "drill", "wrench", "chisel", "file", "spade", "rake"],
+}
+TRAIN_TEMPLATES = ["list {topic} words:", "name some {topic}:", "{topic} please:"]
+HELD_OUT_TEMPLATES = ["give me {topic}:"]
+MAX_GOOD_LENGTH = 6
+ALL_WORDS = [w for words in TOPICS.values() for w in words]
+
+
+def prompts(templates) -> list[tuple[str, str]]:
+    """(prompt text, topic) for every template and topic."""
+    return [(t.format(topic=topic), topic) for t in templates for topic in TOPICS]
+
+
+def topic_of(prompt: str) -> str:
+    for topic in TOPICS:
+        if topic in prompt:
+            return topic
+    raise ValueError(f"demo prompt {prompt!r} names no topic")
+
+
+def demonstrate(topic: str, rng: random.Random, on_topic: float = 0.6) -> str:
+    """A noisy human demonstration: 3-6 words, each on-topic with probability `on_topic`."""
+    words = [rng.choice(TOPICS[topic]) if rng.random() < on_topic else rng.choice(ALL_WORDS)
+             for _ in range(rng.randint(3, MAX_GOOD_LENGTH))]
+    return " " + " ".join(words)
+
+
+def oracle_score(prompt: str, response: str) -> float:
+    """The hidden labeller's utility of a response."""
+    topic_words = set(TOPICS[topic_of(prompt)])
+    words = response.split()
+    distinct_on = len({w for w in words if w in topic_words})
+    off_topic = sum(w not in topic_words for w in words)
+    repeats = len(words) - len(set(words))
+    too_long = max(0, len(words) - MAX_GOOD_LENGTH)
+    return distinct_on - off_topic - 0.5 * repeats - 0.5 * too_long
+
+
+def rank(prompt: str, responses: list[str]) -> list[str]:
+    """Best-first ranking by the oracle; responses with a tied score keep only the first of them,
+    since a labeller's ranking must be strict."""
+    by_score = {}
+    for response in responses:
+        by_score.setdefault(oracle_score(prompt, response), response)
+    return [by_score[s] for s in sorted(by_score, reverse=True)]
+
+
+def corpus() -> list[str]:
+    """Text the demo tokenizer is trained on: every prompt and word, so each is a token or two."""
+    lines = [p for p, _ in prompts(TRAIN_TEMPLATES + HELD_OUT_TEMPLATES)]
+    lines += [" ".join(words) for words in TOPICS.values()] * 20
+    return lines

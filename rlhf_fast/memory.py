@@ -1,0 +1,63 @@
+"""The memory ledger printed at start, and the peak measured at the end.
+
+The ledger is arithmetic from shapes (an estimate, labelled so); the peak is measured:
+torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on the CPU.
+"""
+import resource
+import sys
+
+import torch
+from torch import nn
+
+GiB = 2 ** 30
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def kv_cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """K and V for every layer at the longest sequence of a generation batch."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * seq_len * heads * head_dim * dtype_bytes
+
+
+def activation_bytes(config, micro_batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """A rough transformer estimate: ~34 values of width D per token and layer (Korthikanti et al.),
+    plus fp32 [tokens x chunk] for the fused head, never [tokens x vocab]."""
+    tokens = micro_batch * seq_len
+    return config.num_hidden_layers * tokens * config.hidden_size * 34 * dtype_bytes // 2
+
+
+def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int = 0,
+                  micro_batch: int = 1, seq_len: int = 512, optimizer_states: int = 2) -> dict:
+    """Estimated bytes per line item for a training run on `model` (+ heads)."""
+    params = list(model.parameters()) + [p for m in extra_modules for p in m.parameters()]
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    dtype_bytes = next(model.parameters()).element_size()
+    config = model.config
+    return {
+        "weights (frozen)": _bytes(frozen),
+        "trainable (adapters/heads)": _bytes(trainable),
+        "gradients": _bytes(trainable),
+        "optimizer state": sum(p.numel() * 4 * optimizer_states for p in trainable),
+        "KV cache (generation)": kv_cache_bytes(config, generation_batch, seq_len, dtype_bytes),
+        "activations (estimate)": activation_bytes(config, micro_batch, seq_len, dtype_bytes),
+    }
+
+
+def format_ledger(ledger: dict) -> str:
+    width = max(len(k) for k in ledger) + 2
+    lines = [f"{k:<{width}}{v / 2 ** 20:>12.1f} MB" for k, v in ledger.items()]
+    lines.append(f"{'total (estimate)':<{width}}{sum(ledger.values()) / 2 ** 20:>12.1f} MB")
+    return "memory ledger\n  " + "\n  ".join(lines)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Measured peak: CUDA max_memory_allocated, or this process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / GiB * (1 if sys.platform == "darwin" else 1024)

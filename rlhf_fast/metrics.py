@@ -1,0 +1,70 @@
+"""Metrics: namespaced keys (`ppo/clipfrac`, `mem/peak_gb`) to JSONL, TensorBoard and a PNG plot."""
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to <dir>/metrics.jsonl; TensorBoard when installed."""
+
+    def __init__(self, output_dir, tensorboard: bool = True):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self.history: list[dict] = []
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, metrics: dict) -> dict:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+        return row
+
+    def close(self, plot_name: str = "curves.png") -> Path | None:
+        if self._tb is not None:
+            self._tb.close()
+        return plot_curves(self.history, self.dir / plot_name)
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def plot_curves(history: list[dict], path: Path) -> Path | None:
+    """One small panel per numeric key; None when matplotlib is not installed or nothing to plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = sorted({k for row in history for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float))})
+    if not keys:
+        return None
+    cols = min(4, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points))
+        ax.set_title(key, fontsize=9)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,84 @@
+"""Reward models: a scalar head on the last token's hidden state of a trunk.
+
+The trunk is either a LoRA adapter on the shared base (one copy of the weights serves the
+policy, the reference and every reward model) or a model directory of its own.
+Saved layout (<dir>/): reward_config.json, head.safetensors, and adapter/ (peft) or model/.
+"""
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.trunk import last_hidden, last_token_index, unwrap_peft
+
+CONFIG_FILE, HEAD_FILE = "reward_config.json", "head.safetensors"
+
+
+@contextlib.contextmanager
+def active_adapter(model: nn.Module, name: str | None):
+    """Run with adapter `name` active on a PeftModel, restoring the previous one (and its
+    trainable flags) afterwards; a no-op for name None."""
+    if name is None:
+        yield model
+        return
+    previous = model.active_adapter
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
+
+
+class RewardModel(nn.Module):
+    """score(input_ids, attention_mask) -> [B] fp32, read at each row's last attended token."""
+
+    def __init__(self, trunk: nn.Module, head: ScalarHead, adapter: str | None = None):
+        super().__init__()
+        self.trunk, self.head, self.adapter = trunk, head, adapter
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with active_adapter(self.trunk, self.adapter):
+            hidden = last_hidden(self.trunk, input_ids, attention_mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.head(hidden[rows, last_token_index(attention_mask)])
+
+    def save(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.adapter is not None:
+            self.trunk.save_pretrained(str(directory / "adapter"), selected_adapters=[self.adapter])
+        else:
+            unwrap_peft(self.trunk).save_pretrained(directory / "model")
+        self.head.save(directory / HEAD_FILE)
+        kind = "adapter" if self.adapter is not None else "model"
+        (directory / CONFIG_FILE).write_text(json.dumps({"kind": kind, "adapter_name": self.adapter}))
+
+
+def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name: str = "reward",
+                      device="cpu", dtype="auto", attn="auto") -> RewardModel:
+    """A saved reward model: its adapter onto `shared_trunk` (no second copy), or its own weights."""
+    from rlhf_fast.models.adapters import load_lora
+    from rlhf_fast.models.loading import load_causal_lm
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory} is not a saved reward model (no {CONFIG_FILE})")
+    saved = json.loads(config_path.read_text())
+    head = ScalarHead.load(directory / HEAD_FILE, device=device)
+    if saved["kind"] == "adapter":
+        if shared_trunk is None:
+            raise ValueError(f"{directory}: an adapter reward model needs the base model it was trained on")
+        adapter_dir = directory / "adapter"
+        if saved.get("adapter_name") and (adapter_dir / saved["adapter_name"]).is_dir():
+            adapter_dir = adapter_dir / saved["adapter_name"]
+        trunk = load_lora(shared_trunk, adapter_dir, name)
+        return RewardModel(trunk, head, adapter=name)
+    trunk = load_causal_lm(directory / "model", device=device, dtype=dtype, attn=attn).requires_grad_(False)
+    return RewardModel(trunk, head, adapter=None)

@@ -1,0 +1,51 @@
+"""The trunk of a causal LM: its final hidden states without ever calling the LM head.
+
+Works on plain transformers models and on peft-wrapped ones (LoRA layers are injected in place,
+so the base model's decoder runs with whichever adapters are active).
+"""
+import torch
+from torch import nn
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings .. final norm) of a *ForCausalLM model."""
+    base = unwrap_peft(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        raise TypeError(f"{type(base).__name__}: cannot find the decoder under the LM head "
+                        "(expected a transformers *ForCausalLM with get_decoder())")
+    return decoder
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear:
+    head = unwrap_peft(model).get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(unwrap_peft(model)).__name__} has no output embeddings (LM head)")
+    return head
+
+
+def check_fusable_head(model: nn.Module) -> None:
+    """The fused kernels model logits = hidden @ W.T + b; refuse heads that do more."""
+    config = unwrap_peft(model).config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1.0):
+            raise NotImplementedError(f"{config.model_type}: config.{attr}={getattr(config, attr)} "
+                                      "changes the logits after the LM head; the fused head does not model it")
+
+
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states [B, T, D] of the trunk (no logits)."""
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)

@@ -1,0 +1,327 @@
+"""Step 3 of InstructGPT: PPO against the reward model with a per-token KL penalty.
+
+Each iteration:
+  1. rollout()            sample responses to a batch of prompts from the current policy;
+  2. score()              reward-model scores of (prompt, response), optionally normalised/clipped;
+  3. make_experience()    old log-probs and values (policy), reference log-probs (adapters off);
+  4. compute_advantages() r_t = -beta KL_t (+ score at the last token), GAE, whitening;
+  5. train_minibatches()  PPO epochs over shuffled minibatches: clipped surrogate from hidden
+                          states (fused head, no logits) + clipped value loss (+ PPO-ptx);
+  6. the KL controller adapts beta toward a target KL (Ziegler et al., 2019), if asked.
+"""
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlhf_fast import data, kernels
+from rlhf_fast.config import ConfigError, check_divides, option
+from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
+from rlhf_fast.metrics import MetricsLogger
+from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.reward import HEAD_FILE, load_reward_model
+from rlhf_fast.models.roles import ActorCritic
+from rlhf_fast.rollout import Rollout, sample
+from rlhf_fast.stages import runstate
+from rlhf_fast.stages.common import (TrainConfig, autocast, build_optimizer, clip_and_step,
+                                     load_trainable_lm, seed_everything)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO on {"prompt"} JSONL against a reward model saved by `rlhf-fast rm`."""
+
+    prompts: str = option("", "prompt JSONL file")
+    reward_model: str = option("", "reward model directory written by `rlhf-fast rm`")
+    iterations: int = option(20, "rollout + update iterations")
+    mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch")
+    ppo_epochs: int = option(2, "passes over each rollout batch")
+    max_new_tokens: int = option(32, "response budget per rollout")
+    temperature: float = option(1.0, "sampling temperature, applied the same way in training")
+    top_p: float = option(1.0, "nucleus sampling threshold at rollout")
+    clip_low: float = option(0.2, "PPO ratio clip below 1")
+    clip_high: float = option(0.2, "PPO ratio clip above 1")
+    value_clip: float = option(0.2, "value-function clip around the old values")
+    vf_coef: float = option(0.5, "weight of the value loss")
+    entropy_coef: float = option(0.0, "entropy bonus weight")
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(0.95, "GAE lambda")
+    kl_coef: float = option(0.05, "initial beta of the per-token KL penalty in the reward")
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1, k2 or k3")
+    target_kl: float = option(0.0, "adaptive KL controller's target (0 = fixed beta)")
+    kl_horizon: int = option(10000, "adaptive KL controller's horizon (samples)")
+    whiten_advantages: bool = option(True, "whiten advantages over the batch's response tokens")
+    normalize_scores: bool = option(False, "standardise scores by running mean/std")
+    score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)")
+    missing_eos_penalty: float = option(0.0, "subtracted from the score of responses without EOS")
+    value_init_from_reward: bool = option(True, "initialise the value head from the reward head")
+    offload_reference: bool = option(False, "full fine-tuning: keep the frozen reference on the CPU")
+    ptx_data: str = option("", "SFT JSONL for the PPO-ptx pretraining-mix term (empty = off)")
+    ptx_coef: float = option(0.0, "weight of the PPO-ptx NLL term (InstructGPT's gamma)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_divides(self.batch_size, self.mini_batch_size, "batch_size / mini_batch_size")
+        check_divides(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al., 2019)."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, num_samples: int) -> float:
+        if self.target > 0:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.beta *= 1.0 + error * num_samples / self.horizon
+        return self.beta
+
+
+class RunningMoments:
+    """Running mean and std of scores (Chan et al.'s parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        delta = x.mean().item() - self.mean
+        total = self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + x.var(unbiased=False).item() * n
+                    + delta ** 2 * self.count * n / total) / total
+        self.count = total
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    scores: torch.Tensor         # [B]
+    old_logprobs: torch.Tensor   # [B, L-1]
+    ref_logprobs: torch.Tensor   # [B, L-1]
+    old_values: torch.Tensor     # [B, L-1]
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig):
+        self.config = config
+        seed_everything(config.seed)
+        model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
+        self.reward_model = load_reward_model(config.reward_model, shared_trunk=model if config.lora_r else None,
+                                              device=self.device, dtype=config.dtype)
+        if config.lora_r:
+            model = self.reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
+        value_head = self._value_head(model.config.hidden_size)
+        self.actor = (ActorCritic(model, value_head) if config.lora_r else
+                      ActorCritic.full_finetune(model, value_head, config.offload_reference))
+        self.prompts = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+                        for p in data.load_prompts(config.prompts)]
+        self.ptx = self._ptx_examples()
+        self.params = [p for p in self.actor.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.params, config, self._num_updates())
+        self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.rng = random.Random(config.seed)
+        self.dtype = next(model.parameters()).dtype
+
+    def _value_head(self, hidden_size: int) -> ScalarHead:
+        reward_head = Path(self.config.reward_model) / HEAD_FILE
+        if self.config.value_init_from_reward and reward_head.exists():
+            return ScalarHead.load(reward_head, device=self.device)
+        return ScalarHead(hidden_size).to(self.device)
+
+    def _ptx_examples(self):
+        if not self.config.ptx_data:
+            return []
+        examples = data.load_sft(self.config.ptx_data, self.tokenizer)
+        return [data.encode_pair(self.tokenizer, e.prompt, e.response, self.config.max_length, source=e.source)
+                for e in examples]
+
+    def _num_updates(self) -> int:
+        c = self.config
+        return c.iterations * c.ppo_epochs * (c.batch_size // c.mini_batch_size)
+
+    # 1. rollout
+    def rollout(self) -> Rollout:
+        batch = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(self.config.batch_size)]
+        return sample(self.actor.model, self.tokenizer, batch, max_new_tokens=self.config.max_new_tokens,
+                      temperature=self.config.temperature, top_p=self.config.top_p)
+
+    # 2. score
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores used for training, raw reward-model scores)."""
+        raw = self.reward_model(rollout.input_ids, rollout.attention_mask).float()
+        scores = raw - self.config.missing_eos_penalty * (~rollout.ended_with_eos).float()
+        if self.config.normalize_scores:
+            self.score_moments.update(scores)
+            scores = (scores - self.score_moments.mean) / (self.score_moments.var ** 0.5 + 1e-8)
+        if self.config.score_clip > 0:
+            scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
+        return scores, raw
+
+    # 3. experience
+    @torch.no_grad()
+    def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
+        temperature = self.config.temperature
+        old_logprobs, old_values = [], []
+        for micro in self._micro_slices(rollout.input_ids.shape[0]):
+            ids, mask, resp = rollout.input_ids[micro], rollout.attention_mask[micro], rollout.response_mask[micro]
+            with autocast(self.device, self.dtype):
+                hidden = self.actor.hidden(ids, mask)
+            logprobs, _ = self.actor.logprobs(hidden, ids, resp, temperature=temperature)
+            old_logprobs.append(logprobs)
+            old_values.append(self.actor.values(hidden) * resp)
+        ref_logprobs = self.actor.reference_logprobs(rollout.input_ids, rollout.attention_mask,
+                                                     rollout.response_mask, temperature=temperature)
+        return Experience(rollout, scores, torch.cat(old_logprobs), ref_logprobs, torch.cat(old_values))
+
+    # 4. advantages
+    def compute_advantages(self, exp: Experience) -> None:
+        mask = exp.rollout.response_mask
+        exp.advantages, exp.returns = kernels.advantages(
+            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.old_values, mask,
+            kl_coef=self.kl_ctl.beta, kl_estimator=self.config.kl_estimator,
+            gamma=self.config.gamma, lam=self.config.lam, whiten=self.config.whiten_advantages)
+
+    # 5. PPO epochs
+    def train_minibatches(self, exp: Experience) -> dict:
+        c = self.config
+        totals: dict[str, float] = {}
+        updates = 0
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(c.batch_size).tolist()
+            for first in range(0, c.batch_size, c.mini_batch_size):
+                minibatch = order[first:first + c.mini_batch_size]
+                stats = self._update(exp, minibatch)
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                updates += 1
+        return {key: value / updates for key, value in totals.items()}
+
+    def _update(self, exp: Experience, minibatch: list[int]) -> dict:
+        c = self.config
+        r = exp.rollout
+        tokens = r.response_mask[minibatch].sum().clamp_min(1)
+        stats: dict[str, float] = {}
+        for first in range(0, len(minibatch), c.micro_batch_size):
+            rows = torch.tensor(minibatch[first:first + c.micro_batch_size], device=self.device)
+            mask = r.response_mask[rows]
+            # micro-batch losses are token-means; weight by token share so the sum is the minibatch's
+            share = mask.sum() / tokens
+            with autocast(self.device, self.dtype):
+                hidden = self.actor.hidden(r.input_ids[rows], r.attention_mask[rows])
+            weight, bias = self.actor.head_weight()
+            targets = r.input_ids[rows, 1:].masked_fill(mask == 0, -100)
+            policy_loss, policy_stats = kernels.linear_ppo_loss(
+                hidden[:, :-1], weight, targets, exp.old_logprobs[rows], exp.advantages[rows], mask,
+                bias=bias, clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
+                temperature=c.temperature)
+            v_loss, value_stats = kernels.value_loss(self.actor.values(hidden), exp.old_values[rows],
+                                                     exp.returns[rows], mask, clip=c.value_clip)
+            loss = (policy_loss + c.vf_coef * v_loss) * share
+            loss.backward()
+            for key, value in {"ppo/policy_loss": policy_loss, "value/loss": v_loss,
+                               **{f"ppo/{k}": v for k, v in policy_stats.items()},
+                               **{f"value/{k}": v for k, v in value_stats.items()}}.items():
+                stats[key] = stats.get(key, 0.0) + float(value) * float(share)
+        if c.ptx_coef > 0:
+            stats["ppo/ptx_loss"] = self._ptx_backward()
+        stats["ppo/grad_norm"] = clip_and_step(self.params, self.optimizer, self.scheduler, c.max_grad_norm)
+        return stats
+
+    def _ptx_backward(self) -> float:
+        """InstructGPT's PPO-ptx: gamma x NLL of a pretraining/SFT batch, mixed into the update."""
+        from rlhf_fast.stages.sft import collate, response_nll
+
+        batch = [self.ptx[self.rng.randrange(len(self.ptx))] for _ in range(self.config.micro_batch_size)]
+        input_ids, attention_mask, starts = collate(batch, self.tokenizer.pad_token_id, self.device)
+        with autocast(self.device, self.dtype):
+            nll = response_nll(self.actor.model, input_ids, attention_mask, starts)
+        count = sum(len(e.input_ids) - e.response_start for e in batch)
+        (self.config.ptx_coef * nll / count).backward()
+        return nll.item() / count
+
+    def _micro_slices(self, rows: int):
+        for first in range(0, rows, self.config.micro_batch_size):
+            yield slice(first, first + self.config.micro_batch_size)
+
+    def step(self) -> dict:
+        rollout = self.rollout()
+        scores, raw = self.score(rollout)
+        exp = self.make_experience(rollout, scores)
+        self.compute_advantages(exp)
+        self.actor.train()
+        stats = self.train_minibatches(exp)
+        mask = rollout.response_mask.float()
+        kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * mask).sum(-1)
+        beta = self.kl_ctl.beta
+        self.kl_ctl.update(kl_per_seq.mean().item(), self.config.batch_size)
+        return {"reward/score_mean": raw.mean().item(), "reward/score_std": raw.std().item(),
+                "ppo/kl": kl_per_seq.mean().item(), "ppo/kl_coef": beta,
+                "ppo/response_length": rollout.response_lengths.float().mean().item(), **stats}
+
+    def modules(self) -> dict:
+        return {"policy": self.actor}
+
+    def train(self) -> Path:
+        c = self.config
+        output = Path(c.output_dir)
+        print(format_ledger(memory_ledger(self.actor.model, [self.actor.value_head],
+                                          generation_batch=c.batch_size, micro_batch=c.micro_batch_size,
+                                          seq_len=c.max_length)))
+        start = 0
+        if c.resume:
+            start, extra = runstate.resume(output / "checkpoints", self.modules(), self.optimizer, self.scheduler)
+            self.kl_ctl.beta = extra.get("kl_coef", self.kl_ctl.beta)
+            if "rng" in extra:
+                self.rng.setstate(_tuple_state(extra["rng"]))
+        logger = MetricsLogger(output)
+        for iteration in tqdm(range(start, c.iterations), desc="ppo", initial=start, total=c.iterations):
+            begin = _clock()
+            stats = self.step()
+            elapsed = _clock() - begin
+            tokens = stats["ppo/response_length"] * c.batch_size
+            stats.update({"perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed,
+                          "mem/peak_gb": peak_memory_gb(self.device)})
+            if (iteration + 1) % c.log_every == 0 or iteration + 1 == c.iterations:
+                logger.log(iteration + 1, stats)
+            if c.save_every and (iteration + 1) % c.save_every == 0 and iteration + 1 < c.iterations:
+                runstate.save(output / "checkpoints", iteration + 1, self.modules(), self.optimizer,
+                              self.scheduler, extra={"kl_coef": self.kl_ctl.beta, "rng": self.rng.getstate()})
+        logger.close()
+        return self.save(output)
+
+    def save(self, output: Path) -> Path:
+        policy_dir = output / "policy"
+        if self.config.lora_r:
+            self.actor.model.save_pretrained(str(policy_dir / "adapter"), selected_adapters=["policy"])
+        else:
+            self.actor.model.save_pretrained(policy_dir / "model")
+        self.tokenizer.save_pretrained(policy_dir)
+        self.actor.value_head.save(policy_dir / "value_head.safetensors")
+        print(f"ppo: policy written to {policy_dir}; peak memory {peak_memory_gb(self.device):.2f} GB")
+        return policy_dir
+
+
+def _clock() -> float:
+    import time
+    return time.perf_counter()
+
+
+def _tuple_state(state):
+    """JSON turns random.getstate()'s tuples into lists; make them tuples again."""
+    return tuple(_tuple_state(s) if isinstance(s, list) else s for s in state)
+
+
+def run(config: PPOConfig) -> Path:
+    return PPOTrainer(config).train()

@@ -1,0 +1,140 @@
+"""Step 2 of InstructGPT: a reward model trained from human rankings.
+
+Each comparison (chosen y_w, rejected y_l) adds the Bradley-Terry loss
+    -log sigmoid(r(x, y_w) - r(x, y_l) - m)
+with m Llama 2's margin (0 without one). A ranking of K responses gives all K-choose-2 pairs,
+each weighted 1/C(K, 2), so every prompt counts once (InstructGPT, to avoid overfitting to
+prompts with many comparisons). The model is the SFT model with a LoRA adapter (or all weights)
+and a scalar head replacing the LM head, read at the last token.
+"""
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rlhf_fast import data
+from rlhf_fast.config import ConfigError, option
+from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
+from rlhf_fast.metrics import MetricsLogger
+from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.reward import RewardModel
+from rlhf_fast.stages import runstate
+from rlhf_fast.stages.common import (TrainConfig, autocast, batch_indices, build_optimizer,
+                                     clip_and_step, load_trainable_lm, seed_everything, total_steps)
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model from {"prompt", "chosen", "rejected"} or {"prompt", "responses"} JSONL."""
+
+    data: str = option("", "preference or ranking JSONL file")
+    eval_fraction: float = option(0.1, "share of prompts held out to report accuracy")
+    margin_set: str = option("small", "Llama 2 rating -> margin map: 'small' or 'large'")
+    adapter_name: str = option("reward", "name of the reward adapter (e.g. helpful, safety)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.margin_set not in ("small", "large"):
+            raise ConfigError(f"margin_set must be 'small' or 'large', got {self.margin_set!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def split_by_prompt(pairs, eval_fraction: float, seed: int):
+    """(train, held_out): whole prompts go to one side, so held-out prompts are unseen."""
+    prompts = sorted({p.prompt for p in pairs})
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[:int(len(prompts) * eval_fraction)])
+    return [p for p in pairs if p.prompt not in held_out], [p for p in pairs if p.prompt in held_out]
+
+
+def encode_pairs(pairs, tokenizer, max_length: int):
+    """Per pair: (chosen ids, rejected ids, margin, weight)."""
+    def ids(prompt, response, source):
+        return data.encode_pair(tokenizer, prompt, response, max_length, source=source).input_ids
+    return [(ids(p.prompt, p.chosen, p.source), ids(p.prompt, p.rejected, p.source), p.margin, p.weight)
+            for p in pairs]
+
+
+def pair_rewards(reward_model, batch, pad_id: int, device):
+    """(r_chosen [B], r_rejected [B]) from one forward over the 2B sequences."""
+    input_ids, attention_mask = data.pad_batch([b[0] for b in batch] + [b[1] for b in batch], pad_id)
+    rewards = reward_model(input_ids.to(device), attention_mask.to(device))
+    return rewards[:len(batch)], rewards[len(batch):]
+
+
+def ranking_loss(r_chosen, r_rejected, margin, weight):
+    """Weighted mean of -log sigmoid(r_w - r_l - m) (summed; the caller divides by total weight)."""
+    return -(weight * F.logsigmoid(r_chosen - r_rejected - margin)).sum()
+
+
+@torch.no_grad()
+def evaluate(reward_model, encoded, pad_id: int, device, batch_size: int) -> dict:
+    """Accuracy (r_chosen > r_rejected) and mean reward gap on held-out pairs."""
+    correct, gap = 0.0, 0.0
+    for first in range(0, len(encoded), batch_size):
+        chosen, rejected = pair_rewards(reward_model, encoded[first:first + batch_size], pad_id, device)
+        correct += (chosen > rejected).sum().item()
+        gap += (chosen - rejected).sum().item()
+    n = max(len(encoded), 1)
+    return {"rm/eval_accuracy": correct / n, "rm/eval_reward_gap": gap / n}
+
+
+def run(config: RMConfig) -> Path:
+    seed_everything(config.seed)
+    output = Path(config.output_dir)
+    trunk, tokenizer, device = load_trainable_lm(config, config.adapter_name)
+    head = ScalarHead(trunk.config.hidden_size).to(device)
+    adapter = config.adapter_name if config.lora_r > 0 else None
+    reward_model = RewardModel(trunk, head, adapter=adapter)
+    margins = data.LLAMA2_MARGINS_SMALL if config.margin_set == "small" else data.LLAMA2_MARGINS_LARGE
+    train_pairs, eval_pairs = split_by_prompt(data.load_preferences(config.data, margins),
+                                              config.eval_fraction, config.seed)
+    train = encode_pairs(train_pairs, tokenizer, config.max_length)
+    held_out = encode_pairs(eval_pairs, tokenizer, config.max_length)
+    print(f"rm: {len(train)} training pairs, {len(held_out)} held-out pairs")
+    num_steps = total_steps(config, len(train))
+    params = [p for p in reward_model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, config, num_steps)
+    print(format_ledger(memory_ledger(trunk, [head], micro_batch=2 * config.micro_batch_size,
+                                      seq_len=config.max_length)))
+
+    start_step = 0
+    if config.resume:
+        start_step, _ = runstate.resume(output / "checkpoints", {"reward": reward_model}, optimizer, scheduler)
+    logger = MetricsLogger(output)
+    dtype = next(trunk.parameters()).dtype
+    reward_model.train()
+    for step in tqdm(range(start_step, num_steps), desc="rm", initial=start_step, total=num_steps):
+        batch = [train[i] for i in batch_indices(len(train), config.batch_size, config.seed, step)]
+        total_weight = sum(b[3] for b in batch)
+        loss_sum, correct = 0.0, 0
+        for first in range(0, len(batch), config.micro_batch_size):
+            micro = batch[first:first + config.micro_batch_size]
+            margin = torch.tensor([b[2] for b in micro], device=device)
+            weight = torch.tensor([b[3] for b in micro], device=device)
+            with autocast(device, dtype):
+                chosen, rejected = pair_rewards(reward_model, micro, tokenizer.pad_token_id, device)
+            loss = ranking_loss(chosen, rejected, margin, weight)
+            (loss / total_weight).backward()
+            loss_sum += loss.item()
+            correct += (chosen > rejected).sum().item()
+        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
+        if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
+            logger.log(step + 1, {"rm/loss": loss_sum / total_weight, "rm/accuracy": correct / len(batch),
+                                  "rm/grad_norm": grad_norm, "mem/peak_gb": peak_memory_gb(device)})
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
+            runstate.save(output / "checkpoints", step + 1, {"reward": reward_model}, optimizer, scheduler)
+
+    reward_model.eval()
+    metrics = evaluate(reward_model, held_out, tokenizer.pad_token_id, device, config.micro_batch_size)
+    logger.log(num_steps, metrics)
+    logger.close()
+    reward_dir = output / "reward"
+    reward_model.save(reward_dir)
+    print(f"rm: held-out accuracy {metrics['rm/eval_accuracy']:.3f} over {len(held_out)} pairs; "
+          f"written to {reward_dir}")
+    return reward_dir
