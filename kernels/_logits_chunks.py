@@ -63,3 +63,12 @@ def rows_per_chunk(n_rows, vocab, device, element_bytes=4):
 def chunks(n_rows, size):
     """(start, end) of consecutive row chunks covering [0, n_rows)."""
     return [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def scale_logits_(z, bias, temperature):
+    """In place: z (M, V) raw logits -> (z + bias) / temperature. Returns z."""
+    if bias is not None:
+        z += bias
+    if temperature != 1.0:
+        z /= temperature
+    return z

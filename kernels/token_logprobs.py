@@ -13,26 +13,13 @@ import torch
 
 from . import reference
 from ._dispatch import resolve_backend, triton_available
-from ._logits_chunks import check_targets, chunks, flatten_head_inputs, rows_per_chunk
+from ._logits_chunks import check_targets, chunks, flatten_head_inputs, rows_per_chunk, scale_logits_
 
 if triton_available():
     import triton
     import triton.language as tl
 
-# Widest vocab block a row program loads at once; V is walked in blocks of min(next_pow2(V), this).
-# 4096 fp32 values = 16 KiB per block in registers over 8 warps. To be tuned on H100 (issue 7).
-MAX_BLOCK_V = 4096
-NUM_WARPS = 8
-
-if triton_available():
-
-    @triton.jit
-    def _scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS: tl.constexpr):
-        """(z + bias) / temperature in fp32 for one block of a row; -inf where masked."""
-        z = tl.load(z_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        return tl.where(mask, z / temperature, float("-inf"))
+    from ._logits_triton import NUM_WARPS, block_v, scaled_logits
 
     @triton.jit
     def _token_logprobs_fwd_kernel(
@@ -57,7 +44,7 @@ if triton_available():
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
-            z = _scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS)
+            z = scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS)
             m_new = tl.maximum(m, tl.max(z, axis=0))
             alpha = tl.exp(m - m_new)
             e = tl.exp(z - m_new)
@@ -105,7 +92,7 @@ if triton_available():
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
-            logp = _scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS) - lse
+            logp = scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS) - lse
             p = tl.exp(logp)
             if HAS_GRAD_ENTROPY:
                 coef = g_lp + g_ent * (tl.where(mask, logp, 0.0) + entropy)
@@ -113,10 +100,6 @@ if triton_available():
                 coef = g_lp
             grad = tl.where(offs == target, g_lp, 0.0) - p * coef
             tl.store(z_row_ptr + offs, (grad / temperature).to(z_ptr.dtype.element_ty), mask=mask)
-
-
-def _block_v(vocab):
-    return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
 
 
 def _check_chunk(z, targets):
@@ -136,7 +119,7 @@ def _stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
         z, z if bias is None else bias, targets, logprobs, entropy, lse,
         vocab, ignore_index, temperature,
         z.stride(0),
-        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_V=_block_v(vocab),
+        HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_V=block_v(vocab),
         num_warps=NUM_WARPS,
     )
     return logprobs, lse, entropy if want_entropy else None
@@ -152,23 +135,15 @@ def _grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature,
         grad_lp, grad_ent if has_grad_entropy else grad_lp,
         vocab, ignore_index, temperature,
         z.stride(0),
-        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab),
+        HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block_v(vocab),
         num_warps=NUM_WARPS,
     )
     return z
 
 
-def _scale_torch(z, bias, temperature):
-    if bias is not None:
-        z += bias
-    if temperature != 1.0:
-        z /= temperature
-    return z
-
-
 def _stats_torch(z, bias, targets, temperature, want_entropy, ignore_index):
     """Same contract as _stats_triton, in fp32 torch ops on the chunk (z is fp32 and is clobbered)."""
-    logp = _scale_torch(z, bias, temperature)
+    logp = scale_logits_(z, bias, temperature)
     lse = torch.logsumexp(logp, dim=-1)
     logp -= lse.unsqueeze(-1)
     counted = targets != ignore_index
@@ -185,7 +160,7 @@ def _grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, 
     """Same contract as _grad_triton, in fp32 torch ops: two (M, V) buffers, z's and p's."""
     counted = targets != ignore_index
     g_lp = torch.where(counted, grad_lp, 0.0).unsqueeze(-1)
-    logp = _scale_torch(z, bias, temperature).sub_(lse.unsqueeze(-1))
+    logp = scale_logits_(z, bias, temperature).sub_(lse.unsqueeze(-1))
     p = torch.exp(logp)
     if grad_ent is None:
         grad = p.mul_(g_lp).neg_()
