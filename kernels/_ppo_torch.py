@@ -6,6 +6,8 @@ backward is a single multiply. Shapes are checked by the public wrappers in kern
 """
 import torch
 
+from .kl import exp_minus_one_minus
+
 # order of the stats vector returned next to the policy loss
 POLICY_STATS = ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 
@@ -60,7 +62,7 @@ class PPOPolicyLossTorch(torch.autograd.Function):
         count = on.sum()
         stats = torch.stack([
             torch.where(on, is_clipped.float(), 0.0).sum() / count,
-            torch.where(on, torch.expm1(log_ratio) - log_ratio, 0.0).sum() / count,
+            torch.where(on, exp_minus_one_minus(log_ratio), 0.0).sum() / count,
             torch.where(on, ratio, 0.0).sum() / count,
             torch.where(on, ratio, float("-inf")).amax(),
         ])

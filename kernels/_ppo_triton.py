@@ -39,6 +39,13 @@ def _clipped_surrogate(lp, old, adv, ratio_lo, ratio_hi, dual_clip, HAS_DUAL_CLI
 
 
 @triton.jit
+def _exp_minus_one_minus(x):
+    """exp(x) - 1 - x without cancellation: its Taylor series (to x^8) where |x| < 0.5 (see kl.py)."""
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x / 40320))))))
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0 - x)
+
+
+@triton.jit
 def _load_tokens(lp_ptr, old_ptr, adv_ptr, mask_ptr, row, cols, T,
                  stride_lp, stride_old, stride_adv, stride_mask):
     """fp32 lp, old, adv of one row block and its response-token flag (padding is not read)."""
@@ -74,8 +81,7 @@ def _ppo_loss_fwd_kernel(
     tl.store(out, tl.sum(tl.where(on, loss, 0.0), axis=0))
     tl.store(out + stat_stride, tl.sum(on.to(tl.float32), axis=0))
     tl.store(out + 2 * stat_stride, tl.sum((on & is_clipped).to(tl.float32), axis=0))
-    # approx_kl = exp(d) - 1 - d, as the reference
-    tl.store(out + 3 * stat_stride, tl.sum(tl.where(on, tl.exp(log_ratio) - 1.0 - log_ratio, 0.0), axis=0))
+    tl.store(out + 3 * stat_stride, tl.sum(tl.where(on, _exp_minus_one_minus(log_ratio), 0.0), axis=0))
     tl.store(out + 4 * stat_stride, tl.sum(tl.where(on, ratio, 0.0), axis=0))
     tl.store(out + 5 * stat_stride, tl.max(tl.where(on, ratio, float("-inf")), axis=0))
 
@@ -153,7 +159,8 @@ def _ppo_loss_bwd_kernel(
         blocks = tl.arange(0, BLOCK_NB)
         row_count = tl.sum(tl.load(partial_ptr + B * NB + row * NB + blocks, mask=blocks < NB, other=0.0),
                            axis=0)
-        denominator = row_count * tl.load(stats_ptr + STAT_ROWS)
+        # a row without tokens writes only zeros; max() keeps its scale finite
+        denominator = tl.maximum(row_count, 1.0) * tl.load(stats_ptr + STAT_ROWS)
     else:
         denominator = tl.load(stats_ptr + STAT_COUNT)
     scale = tl.load(grad_loss_ptr).to(tl.float32) / denominator

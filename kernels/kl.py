@@ -16,13 +16,22 @@ def _check_estimator(estimator: str) -> None:
         raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {ESTIMATORS}")
 
 
+def exp_minus_one_minus(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) - 1 - x without cancellation: its Taylor series (to x^8) where |x| < 0.5.
+
+    fp32 expm1(x) - x loses ~2 eps / |x| relative; the series is within 1e-7 relative.
+    """
+    series = x * x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x / 40320))))))
+    return torch.where(x.abs() < 0.5, series, torch.expm1(x) - x)
+
+
 def _estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
     """KL estimate from log_ratio = logprobs - ref_logprobs (Schulman, 2020)."""
     if estimator == "k1":
         return log_ratio.clone()
     if estimator == "k2":
         return 0.5 * log_ratio.square()
-    return torch.expm1(-log_ratio) + log_ratio
+    return exp_minus_one_minus(-log_ratio)
 
 
 def _estimate_grad(log_ratio: torch.Tensor | None, estimator: str):
