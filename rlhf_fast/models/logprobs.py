@@ -1,0 +1,87 @@
+"""Per-token log-probs of a Hugging Face causal LM's own sequences, through the fused LM head.
+
+The trunk (the decoder, with any peft LoRA layers injected in place) makes the hidden states; only
+the positions that are counted go through `token_logprobs` with the LM head's weight. The LM head
+module itself is never called, so the (B, T, V) logits are never made.
+"""
+import torch
+
+from rlhf_fast.kernels import token_logprobs
+
+# Config fields of models whose logits are not (hidden @ W.T + b) / temperature: the fused head
+# does not model them, so such a model gets a clear error rather than wrong log-probs.
+UNSUPPORTED_HEAD_FIELDS = {
+    "final_logit_softcapping": "tanh soft-capping of the logits (Gemma 2/3)",
+    "logit_scale": "a logit scale (Cohere)",
+    "logits_scaling": "a logit divisor (Granite)",
+    "lm_head_multiplier": "an LM-head multiplier (Falcon-H1)",
+}
+
+
+def _check_head(model):
+    config = model.config
+    for field, what in UNSUPPORTED_HEAD_FIELDS.items():
+        value = getattr(config, field, None)
+        if value is not None and value != 1.0:
+            raise NotImplementedError(
+                f"sequence_logprobs: {type(model).__name__} has {field}={value} ({what}); the fused "
+                f"head computes plain (hidden @ W.T + b) / temperature, so it would be wrong here")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise NotImplementedError(
+            f"sequence_logprobs: the output embeddings are a {type(head).__name__}, not a plain "
+            f"nn.Linear (an adapter on lm_head?); the fused head reads only weight and bias")
+    return head
+
+
+def _trunk(model):
+    """The decoder stack that returns last_hidden_state (LoRA layers, if any, live inside it)."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model.get_decoder()
+
+
+def counted_positions(attention_mask, response_start=None):
+    """(B, T-1) bool: entry t counts the target input_ids[:, t+1].
+
+    Counted when both position t and t+1 are real tokens (a row's first real token has no prefix
+    to predict it from) and t+1 >= response_start (an int, or (B,) indices into input_ids).
+    """
+    real = attention_mask.bool()
+    counted = real[:, :-1] & real[:, 1:]
+    if response_start is not None:
+        start = torch.as_tensor(response_start, device=attention_mask.device).reshape(-1, 1)
+        target_index = torch.arange(1, attention_mask.shape[1], device=attention_mask.device)
+        counted &= target_index >= start
+    return counted
+
+
+def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, temperature=1.0,
+                      return_entropy=False):
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for a causal LM, through the fused LM head.
+
+    model: a transformers causal LM or a peft model wrapping one. input_ids, attention_mask: (B, T),
+    left or right padded; position ids follow the mask (cumsum - 1), so padding does not shift
+    them. response_start: None, an int, or (B,) indices of each row's first response token.
+    Returns (logprobs, entropy | None), each (B, T-1) fp32 aligned to targets input_ids[:, 1:],
+    0 where not counted (see counted_positions). Gradients flow to the trunk (and its adapters)
+    and to the head if it requires grad. Never calls the LM head module, never makes (B, T, V).
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"sequence_logprobs: input_ids and attention_mask must both be (B, T), got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    head = _check_head(model)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = _trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).last_hidden_state
+
+    counted = counted_positions(attention_mask, response_start)     # (B, T-1)
+    picked_hidden = hidden[:, :-1][counted]                           # (M, D), M counted tokens
+    picked_targets = input_ids[:, 1:][counted]                        # (M,)
+    logprobs, entropy = token_logprobs(picked_hidden, head.weight, picked_targets, bias=head.bias,
+                                       temperature=temperature, return_entropy=return_entropy)
+    zeros = torch.zeros(counted.shape, device=hidden.device, dtype=torch.float32)
+    logprobs = zeros.masked_scatter(counted, logprobs)
+    if entropy is not None:
+        entropy = zeros.masked_scatter(counted, entropy)
+    return logprobs, entropy
