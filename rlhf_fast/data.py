@@ -261,19 +261,28 @@ class Encoded:
     truncated: bool  # the response (and its eos) was cut to fit max_length
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids as encode_pair makes them: with the tokenizer's special tokens (e.g. bos)
+    unless the text already begins with the bos token, as chat templates often write it.
+
+    Generation (PPO, rejection sampling) should encode prompts with this too, so the policy sees
+    the same prompt tokens at rollout as the reward model and SFT saw in training.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and prompt.startswith(bos))
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int, *, add_eos: bool = True,
                 source: str = "<input>") -> Encoded:
     """Prompt tokens, then response tokens (+ eos), cut from the right of the response to max_length.
 
     Prompt and response are tokenised separately, so the response starts on a token boundary and
-    `response_start` is exact. The prompt gets the tokenizer's special tokens (e.g. bos) unless its
-    text already begins with the bos token, as chat templates often write it. A truncated response
+    `response_start` is exact; the prompt is encoded by `encode_prompt`. A truncated response
     loses its eos: the model is not taught to stop where the text was cut. A prompt that leaves no
     room for one response token raises DataError naming `source`.
     """
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and prompt.startswith(bos))
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if add_eos:
         if tokenizer.eos_token_id is None:

@@ -213,6 +213,18 @@ def test_encode_pair_does_not_double_a_bos_written_by_the_template(tokenizer):
     assert encoded.input_ids.count(tokenizer.bos_token_id) == 1
 
 
+def test_encode_prompt_adds_bos_once_for_a_tokenizer_that_adds_it(tokenizer):
+    from tokenizers.processors import TemplateProcessing
+
+    with_bos = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    with_bos._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    plain = tokenizer("hi", add_special_tokens=False)["input_ids"]
+    assert data.encode_prompt(with_bos, "hi") == [tokenizer.bos_token_id] + plain
+    assert data.encode_prompt(with_bos, "<s>hi") == [tokenizer.bos_token_id] + plain
+    assert data.encode_pair(with_bos, "hi", "ok", 64).input_ids[:len(plain) + 1] == [tokenizer.bos_token_id] + plain
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_pad_batch(side):
     sequences = [[5, 6, 7], [8], [], [1, 2, 3, 4]]
