@@ -6,7 +6,7 @@ generated from the dataclass, so `rlhf-fast ppo --help` always matches the code.
 import importlib
 import sys
 
-from rlhf_fast.config import ConfigError, help_text, load_config, parse_overrides
+from rlhf_fast.config import ConfigError, help_text, load_config, markdown_table, parse_overrides
 
 # command -> (module, config class name or None for a module with its own main(), one-line help)
 COMMANDS = {
@@ -37,8 +37,22 @@ def run_stage(module, class_name: str, argv: list[str], prog: str) -> int:
     return 0
 
 
+def config_reference() -> str:
+    """docs/configs.md: every stage's keys, generated from the config dataclasses."""
+    parts = ["# Config reference\n\nGenerated from the config dataclasses by "
+             "`python -m rlhf_fast.cli --config-reference > docs/configs.md`; a test keeps it current.\n"]
+    for name, (module_name, class_name, help_) in COMMANDS.items():
+        if class_name is not None:
+            cls = getattr(importlib.import_module(module_name), class_name)
+            parts.append(f"## `rlhf-fast {name}`: {help_}\n\n{cls.__doc__}\n\n{markdown_table(cls)}\n")
+    return "\n".join(parts)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--config-reference"]:
+        print(config_reference(), end="")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)

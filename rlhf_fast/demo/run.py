@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast.data import encode_prompt
 from rlhf_fast.demo import task
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import sample
@@ -50,7 +51,7 @@ def make_rankings(path: Path, model_dir: Path, prompts_per_topic: int, k: int, s
     records = []
     for first in range(0, len(pool), 16):
         chunk = [p for p, _ in pool[first:first + 16]]
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        ids = [encode_prompt(tokenizer, p) for p in chunk]
         rollout = sample(model, tokenizer, ids, max_new_tokens=12, num_samples=k)
         responses = decode_responses(tokenizer, rollout)
         for i, prompt in enumerate(chunk):
@@ -68,7 +69,7 @@ def evaluate(trainer, samples_per_prompt: int, use_adapter: bool) -> dict:
 
     tokenizer, actor = trainer.tokenizer, trainer.actor
     pool = [p for p, _ in task.prompts(task.HELD_OUT_TEMPLATES)]
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pool]
+    ids = [encode_prompt(tokenizer, p) for p in pool]
     oracle, reward, kl, length = [], [], [], []
     policy_context = nullcontext() if use_adapter else actor.model.disable_adapter()
     with policy_context:

@@ -40,8 +40,14 @@ def check_fusable_head(model: nn.Module) -> None:
 
 
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden states [B, T, D] of the trunk (no logits)."""
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    """Final-norm hidden states [B, T, D] of the trunk (no logits).
+
+    Position ids follow the mask (cumsum - 1), as `generate` makes them, so a left-padded row
+    scores the same as it was sampled.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 

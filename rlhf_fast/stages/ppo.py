@@ -123,7 +123,7 @@ class PPOTrainer:
         value_head = self._value_head(model.config.hidden_size)
         self.actor = (ActorCritic(model, value_head) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference))
-        self.prompts = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        self.prompts = [data.encode_prompt(self.tokenizer, p.prompt)
                         for p in data.load_prompts(config.prompts)]
         self.ptx = self._ptx_examples()
         self.params = [p for p in self.actor.parameters() if p.requires_grad]
@@ -173,17 +173,17 @@ class PPOTrainer:
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
         temperature = self.config.temperature
-        old_logprobs, old_values = [], []
+        old_logprobs, ref_logprobs, old_values = [], [], []
         for micro in self._micro_slices(rollout.input_ids.shape[0]):
             ids, mask, resp = rollout.input_ids[micro], rollout.attention_mask[micro], rollout.response_mask[micro]
             with autocast(self.device, self.dtype):
                 hidden = self.actor.hidden(ids, mask)
+                ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
             logprobs, _ = self.actor.logprobs(hidden, ids, resp, temperature=temperature)
             old_logprobs.append(logprobs)
             old_values.append(self.actor.values(hidden) * resp)
-        ref_logprobs = self.actor.reference_logprobs(rollout.input_ids, rollout.attention_mask,
-                                                     rollout.response_mask, temperature=temperature)
-        return Experience(rollout, scores, torch.cat(old_logprobs), ref_logprobs, torch.cat(old_values))
+        return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
+                          torch.cat(old_values))
 
     # 4. advantages
     def compute_advantages(self, exp: Experience) -> None:
@@ -233,7 +233,7 @@ class PPOTrainer:
             for key, value in {"ppo/policy_loss": policy_loss, "value/loss": v_loss,
                                **{f"ppo/{k}": v for k, v in policy_stats.items()},
                                **{f"value/{k}": v for k, v in value_stats.items()}}.items():
-                stats[key] = stats.get(key, 0.0) + float(value) * float(share)
+                stats[key] = stats.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * float(share)
         if c.ptx_coef > 0:
             stats["ppo/ptx_loss"] = self._ptx_backward()
         stats["ppo/grad_norm"] = clip_and_step(self.params, self.optimizer, self.scheduler, c.max_grad_norm)

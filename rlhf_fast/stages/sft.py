@@ -49,7 +49,8 @@ def collate(encoded, pad_id: int, device):
 
 def response_nll(model, input_ids, attention_mask, response_start):
     """Summed negative log-likelihood of the response tokens (prompt and padding give 0)."""
-    return -sequence_logprobs(model, input_ids, attention_mask, response_start=response_start).sum()
+    logprobs, _ = sequence_logprobs(model, input_ids, attention_mask, response_start=response_start)
+    return -logprobs.sum()
 
 
 def run(config: SFTConfig) -> Path:

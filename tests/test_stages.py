@@ -1,0 +1,187 @@
+"""The trainer's stages on the tiny saved model: each checked against what the algorithm promises."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_fast import kernels
+from rlhf_fast.data import DataError
+from rlhf_fast.models.adapters import add_lora
+from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.models.roles import ActorCritic
+from rlhf_fast.stages import ppo, rm, sft
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sft_records(n=8):
+    words = ["apple", "banana", "cherry", "grape"]
+    return [{"prompt": f"fruit {i}:", "response": f" {words[i % 4]} {words[(i + 1) % 4]}"} for i in range(n)]
+
+
+def final_loss(output_dir, key):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def test_sft_loss_falls_on_a_memorisable_set(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
+    out = tmp_path / "sft"
+    model_dir = sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out),
+                                      lora_r=0, learning_rate=3e-3, batch_size=8, micro_batch_size=4,
+                                      max_steps=40, max_length=32))
+    losses = final_loss(out, "sft/loss")
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert (model_dir / "config.json").exists()
+
+
+def test_sft_loss_is_the_response_nll_of_the_hf_logits(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    encoded = sft.encode_examples([type("E", (), {"prompt": r["prompt"], "response": r["response"],
+                                                  "source": "t:1"})() for r in sft_records(3)],
+                                  tokenizer, 32)
+    input_ids, attention_mask, starts = sft.collate(encoded, tokenizer.pad_token_id, "cpu")
+    nll = sft.response_nll(model, input_ids, attention_mask, starts)
+    logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.double(), -1)
+    expected = 0.0
+    for row, e in enumerate(encoded):
+        for t in range(e.response_start, len(e.input_ids)):
+            expected -= logp[row, t - 1, e.input_ids[t]].item()
+    assert abs(nll.item() - expected) < 1e-4 * abs(expected)
+
+
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
+    common = dict(model=str(tiny_model_dir), data=str(data), lora_r=4, lora_dropout=0.1, learning_rate=1e-2,
+                  batch_size=4, micro_batch_size=2, max_steps=4, max_length=32, save_every=2)
+    straight = tmp_path / "straight"
+    sft.run(sft.SFTConfig(output_dir=str(straight), **common))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    sft.run(sft.SFTConfig(output_dir=str(resumed), resume=True, **common))
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(resumed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert final_loss(straight, "sft/loss")[2:] == final_loss(resumed, "sft/loss")
+
+
+def test_reward_model_learns_separable_pairs(tiny_model_dir, tmp_path):
+    records = [{"prompt": f"q{i}:", "chosen": f" good answer {i % 5}", "rejected": f" bad answer {i % 5}"}
+               for i in range(60)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    out = tmp_path / "rm"
+    rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out), lora_r=8,
+                       learning_rate=3e-3, batch_size=8, micro_batch_size=8, epochs=3, max_length=32,
+                       eval_fraction=0.25))
+    accuracy = final_loss(out, "rm/eval_accuracy")[-1]
+    assert accuracy > 0.9
+    assert (out / "reward" / "head.safetensors").exists()
+
+
+def test_ranking_loss_matches_the_formula():
+    chosen, rejected = torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.4])
+    margin, weight = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1 / 6])
+    expected = -(1.0 * torch.log(torch.sigmoid(torch.tensor(0.5)))
+                 + 1 / 6 * torch.log(torch.sigmoid(torch.tensor(0.2 - 0.4 - 1.0))))
+    assert torch.allclose(rm.ranking_loss(chosen, rejected, margin, weight), expected)
+
+
+def perturbed_policy(tiny_model_dir):
+    model = add_lora(load_causal_lm(tiny_model_dir), "policy", r=4, alpha=8)
+    return ActorCritic(model, ScalarHead(model.config.hidden_size))
+
+
+def sequences(tokenizer):
+    batch = tokenizer(["the quick brown fox jumps", "a reward model learns which"], return_tensors="pt")
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    response = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.long)
+    response[:, 1:] = 1
+    return ids, attention, response
+
+
+def test_new_adapter_starts_at_kl_zero_and_reference_is_the_base(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids, attention, response = sequences(tokenizer)
+    base = load_causal_lm(tiny_model_dir)
+    base_actor = ActorCritic(base, ScalarHead(base.config.hidden_size), reference=base)
+    base_lp = base_actor.reference_logprobs(ids, attention, response, temperature=1.0)
+
+    actor = perturbed_policy(tiny_model_dir)
+    with torch.no_grad():
+        policy_lp, _ = actor.logprobs(actor.hidden(ids, attention), ids, response, temperature=1.0)
+    assert torch.equal(policy_lp, base_lp), "a fresh LoRA adapter must leave the policy equal to the reference"
+    for name, p in actor.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad():
+        moved, _ = actor.logprobs(actor.hidden(ids, attention), ids, response, temperature=1.0)
+    assert not torch.allclose(moved, base_lp)
+    assert torch.equal(actor.reference_logprobs(ids, attention, response, temperature=1.0), base_lp)
+
+
+def test_ppo_update_follows_the_advantages(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids, attention, response = sequences(tokenizer)
+    actor = perturbed_policy(tiny_model_dir)
+    advantages = torch.where(torch.arange(ids.shape[1] - 1) % 2 == 0, 1.0, -1.0).expand_as(response) * response
+
+    def logprobs():
+        return actor.logprobs(actor.hidden(ids, attention), ids, response, temperature=1.0)[0]
+
+    with torch.no_grad():
+        before = logprobs()
+    optimizer = torch.optim.SGD([p for p in actor.parameters() if p.requires_grad], lr=0.05)
+    weight, bias = actor.head_weight()
+    targets = ids[:, 1:].masked_fill(response == 0, -100)
+    loss, _ = kernels.linear_ppo_loss(actor.hidden(ids, attention)[:, :-1], weight, targets, before,
+                                      advantages, response)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        change = (logprobs() - before) * response
+    assert (change[advantages > 0] > 0).float().mean() > 0.8
+    assert (change[advantages < 0] < 0).float().mean() > 0.8
+
+
+def test_bad_data_line_fails_before_training(tiny_model_dir, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "a", "response": " b"}\n{"prompt": "a" "response": 1}\n')
+    with pytest.raises(DataError, match=r"sft\.jsonl:2"):
+        sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(path), output_dir=str(tmp_path / "o"),
+                              batch_size=2, micro_batch_size=2, max_steps=1))
+
+
+def test_pipeline_from_the_cli(tiny_model_dir, tmp_path):
+    from rlhf_fast.cli import main
+
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
+    prefs = write_jsonl(tmp_path / "rank.jsonl", [{"prompt": f"fruit {i}:", "responses": [" apple", " dog", " x"]}
+                                                  for i in range(8)])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"fruit {i}:"} for i in range(4)])
+    config = tmp_path / "pipeline.yaml"
+    out = tmp_path / "run"
+    config.write_text(f"""
+model: {tiny_model_dir}
+output_dir: {out}
+sft: {{data: {sft_data}, max_steps: 2, batch_size: 4, micro_batch_size: 4, max_length: 32}}
+rm: {{data: {prefs}, max_steps: 2, batch_size: 4, micro_batch_size: 4, max_length: 32, lora_r: 4}}
+ppo: {{prompts: {prompts}, iterations: 2, batch_size: 4, mini_batch_size: 2, micro_batch_size: 2,
+      max_new_tokens: 4, max_length: 32, lora_r: 4, save_every: 1}}
+""")
+    assert main(["pipeline", "--config", str(config)]) == 0
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["ppo/kl"] == 0.0, "PPO's first rollout comes from the SFT policy itself"
+    for key in ("reward/score_mean", "ppo/clipfrac", "ppo/approx_kl", "value/explained_variance",
+                "ppo/entropy", "perf/tokens_per_s", "mem/peak_gb"):
+        assert key in rows[-1]
+    assert (out / "ppo" / "policy" / "value_head.safetensors").exists()
+    assert (out / "ppo" / "checkpoints" / "step-000001").is_dir()
