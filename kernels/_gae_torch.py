@@ -38,7 +38,7 @@ def reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         carry[:, c] = after
         after = torch.addcmul(local[0, :, c], decay[0, :, c], after)
     x = torch.addcmul(local, decay, carry.unsqueeze(0))
-    return x.permute(1, 2, 0).reshape(B, C * K)[:, :T]
+    return x.permute(1, 2, 0).reshape(B, C * K)[:, :T].contiguous()
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -46,10 +46,10 @@ def gae(rewards, values, mask, gamma, lam):
     on = mask != 0
     v = torch.where(on, values.float(), 0.0)
     v_next = F.pad(v[:, 1:], (0, 1))
-    b = torch.where(on, rewards.float() + gamma * v_next - v, 0.0)
+    b = torch.where(on, torch.add(rewards.float(), v_next, alpha=gamma).sub_(v), 0.0)
     a = on.float().mul_(gamma * lam)
     adv = reverse_affine_scan(a, b)
-    return adv, torch.where(on, adv + v, 0.0)
+    return adv, adv + v  # both are 0 off-mask
 
 
 def masked_whiten(x, mask, shift_mean):
