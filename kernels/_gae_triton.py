@@ -45,9 +45,9 @@ def _compose(a_prefix, b_prefix, a_next, b_next):
 def _kl_estimate(d, ESTIMATOR: tl.constexpr):
     """k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (Taylor series for |d| < 0.5: no cancellation)."""
     if ESTIMATOR == 1:
-        return d
+        kl = d
     elif ESTIMATOR == 2:
-        return 0.5 * d * d
+        kl = 0.5 * d * d
     else:
         # sum_{n>=2} (-d)^n / n! up to n = 8: relative error < 1e-7 for |d| < 0.5
         s = 1.0 / 40320.0
@@ -57,8 +57,8 @@ def _kl_estimate(d, ESTIMATOR: tl.constexpr):
         s = 1.0 / 24.0 - d * s
         s = 1.0 / 6.0 - d * s
         s = 0.5 - d * s
-        series = d * d * s
-        return tl.where(tl.abs(d) < 0.5, series, tl.exp(-d) - 1.0 + d)
+        kl = tl.where(tl.abs(d) < 0.5, d * d * s, tl.exp(-d) - 1.0 + d)
+    return kl
 
 
 @triton.jit
