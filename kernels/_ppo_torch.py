@@ -6,43 +6,38 @@ backward is a single multiply. Shapes are checked by the public wrappers in kern
 """
 import torch
 
-from .kl import exp_minus_one_minus
-
 # order of the stats vector returned next to the policy loss
 POLICY_STATS = ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")
 
 
-def clipped_surrogate(logprobs, old_logprobs, advantages, *, clip_low, clip_high, dual_clip):
-    """Per-token PPO terms in fp32: (loss, d loss / d logprobs, log_ratio, ratio, clipped-branch flag).
+def clipped_surrogate(log_ratio, advantages, *, clip_low, clip_high, dual_clip):
+    """Per-token PPO terms from fp32 log_ratio = lp - old: (loss, d loss / d lp, ratio, clipped flag).
 
-    loss_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(lp - old); with dual_clip c,
+    loss_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), r = exp(log_ratio); with dual_clip c,
     negative-advantage tokens are also bounded by -c A. The derivative is -A r where the unclipped
     branch is taken and 0 where a clip is active.
     """
-    adv = advantages.float()
-    log_ratio = logprobs.float() - old_logprobs.float()
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    neg_adv = -advantages
+    unclipped = neg_adv * ratio
+    clipped = neg_adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     is_clipped = clipped > unclipped
     loss = torch.maximum(unclipped, clipped)
-    dloss = torch.where(is_clipped, 0.0, unclipped)
+    dloss = unclipped.masked_fill_(is_clipped, 0.0)
     if dual_clip is not None:
-        bound = -adv * dual_clip
-        dual = (adv < 0) & (bound < loss)
+        bound = neg_adv * dual_clip
+        dual = (advantages < 0) & (bound < loss)
         loss = torch.where(dual, bound, loss)
-        dloss = torch.where(dual, 0.0, dloss)
-    return loss, dloss, log_ratio, ratio, is_clipped
+        dloss = dloss.masked_fill_(dual, 0.0)
+    return loss, dloss, ratio, is_clipped
 
 
-def token_weights(on: torch.Tensor, seq_mean: bool) -> torch.Tensor:
-    """fp32 (B, T) weight of each token in the aggregate: 1/count, or 1/(count_b x rows) per row."""
-    on = on.float()
+def row_weights(on: torch.Tensor, seq_mean: bool) -> torch.Tensor:
+    """Each token's weight in the aggregate: 1/count, or (B, 1) 1/(count_b x rows with tokens)."""
     if not seq_mean:
-        return on / on.sum()
+        return 1.0 / on.sum()
     row_count = on.sum(-1, keepdim=True)
-    rows = (row_count > 0).sum()
-    return torch.where(on > 0, 1.0 / (row_count * rows), 0.0)
+    return 1.0 / (row_count.clamp(min=1) * (row_count > 0).sum())
 
 
 class PPOPolicyLossTorch(torch.autograd.Function):
@@ -50,21 +45,26 @@ class PPOPolicyLossTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, seq_mean):
-        on = mask != 0
-        loss_t, dloss_t, log_ratio, ratio, is_clipped = clipped_surrogate(
-            logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
-        weight = token_weights(on, seq_mean)
-        # where() rather than a product: padding may hold inf/NaN log-probs
-        loss = torch.where(on, loss_t * weight, 0.0).sum()
+        on = mask if mask.dtype == torch.bool else mask != 0
+        off = ~on
+        # padding may hold anything (NaN, -inf): with its log-ratio and advantage zeroed once, every
+        # per-token term below is exactly 0 there (ratio 1, no clip)
+        log_ratio = (logprobs.float() - old_logprobs.float()).masked_fill_(off, 0.0)
+        adv = advantages.float().masked_fill(off, 0.0)
+        loss_t, dloss_t, ratio, is_clipped = clipped_surrogate(
+            log_ratio, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+        weight = row_weights(on, seq_mean)
+        loss = (loss_t.sum(-1, keepdim=True) * weight).sum()
         ctx.dtype = logprobs.dtype
-        ctx.save_for_backward(torch.where(on, dloss_t * weight, 0.0))
+        ctx.save_for_backward(dloss_t.mul_(weight))
 
         count = on.sum()
         stats = torch.stack([
-            torch.where(on, is_clipped.float(), 0.0).sum() / count,
-            torch.where(on, exp_minus_one_minus(log_ratio), 0.0).sum() / count,
-            torch.where(on, ratio, 0.0).sum() / count,
-            torch.where(on, ratio, float("-inf")).amax(),
+            is_clipped.sum() / count,
+            # expm1(d) - d: absolute error ~ eps |d|, fine for a statistic (0 on padding)
+            (torch.expm1(log_ratio) - log_ratio).sum() / count,
+            (ratio - 1).sum() / count + 1,  # the padding's ratio is exactly 1
+            ratio.masked_fill_(off, float("-inf")).amax(),
         ])
         ctx.mark_non_differentiable(stats)
         return loss, stats
