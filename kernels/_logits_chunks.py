@@ -5,11 +5,11 @@ budget, so the extra memory is O(chunk x V) whatever N is.
 """
 import torch
 
-# CPU: one fp32 logits buffer of 16 MiB per chunk (262 rows at V=32000... see rows_per_chunk).
-# Measured on the 2-core AMD EPYC dev box, N=4096, D=512, V=32000 fp32 fwd+bwd: 4, 16 and 64 MiB
-# ran within 5% of each other; 16 MiB keeps the two live chunk buffers (32 MiB) near an L3's size
-# and far under the 20%-of-eager RSS target (eager holds ~1.5 GB at that shape).
-CPU_CHUNK_BYTES = 16 * 2**20
+# CPU: 64 MiB of fp32 logits per chunk (524 rows at V=32000). Chunk GEMMs (M, 512) x (512, 32000)
+# fp32 on the 2-core AMD EPYC dev box: M=131 (16 MiB) ran at ~20 GFLOP/s, M=262 at ~33, M=524 at ~43,
+# M=1024-2048 at ~45. 64 MiB is where the curve flattens; the backward's two live chunk buffers
+# (128 MiB) stay a small part of eager's peak at N=4096 (see bench/results/logprobs-cpu.json).
+CPU_CHUNK_BYTES = 64 * 2**20
 # CUDA: 128 MiB of logits per chunk (512 rows at V=128256 bf16): each chunk's GEMM is then
 # M=512 x N=V x K=D, large enough for cuBLAS to fill an H100, while the buffer stays ~1% of
 # eager's >10 GB at N=8192. Not yet measured: issue 7 times 32/64/128/256 MiB on H100.

@@ -142,30 +142,36 @@ def _grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature,
 
 
 def _stats_torch(z, bias, targets, temperature, want_entropy, ignore_index):
-    """Same contract as _stats_triton, in fp32 torch ops on the chunk (z is fp32 and is clobbered)."""
-    logp = scale_logits_(z, bias, temperature)
-    lse = torch.logsumexp(logp, dim=-1)
-    logp -= lse.unsqueeze(-1)
+    """Same contract as _stats_triton, in fp32 torch ops on the chunk (z is fp32 and is clobbered).
+
+    log_softmax is one fused pass on CPU, where logsumexp + subtract is four.
+    """
+    logp = torch.log_softmax(scale_logits_(z, bias, temperature), dim=-1)
     counted = targets != ignore_index
     picked = logp.gather(-1, targets.clamp(0, z.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
+    lse = z[:, 0] - logp[:, 0]
     logprobs = torch.where(counted, picked, 0.0)
     entropy = None
     if want_entropy:
-        p_logp = torch.exp(logp).mul_(logp)
+        p_logp = torch.exp(logp, out=z).mul_(logp)
         entropy = torch.where(counted, -p_logp.sum(-1), 0.0)
     return logprobs, lse, entropy
 
 
 def _grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
-    """Same contract as _grad_triton, in fp32 torch ops: two (M, V) buffers, z's and p's."""
+    """Same contract as _grad_triton, in fp32 torch ops: at most two (M, V) buffers.
+
+    Recomputes p with one fused softmax (lse is not needed on this path).
+    """
     counted = targets != ignore_index
     g_lp = torch.where(counted, grad_lp, 0.0).unsqueeze(-1)
-    logp = scale_logits_(z, bias, temperature).sub_(lse.unsqueeze(-1))
-    p = torch.exp(logp)
+    z = scale_logits_(z, bias, temperature)
     if grad_ent is None:
-        grad = p.mul_(g_lp).neg_()
+        grad = torch.softmax(z, dim=-1).mul_(g_lp).neg_()
     else:
         g_ent = torch.where(counted, grad_ent, 0.0).unsqueeze(-1)
+        logp = torch.log_softmax(z, dim=-1)
+        p = torch.exp(logp, out=z)
         grad = logp.add_(entropy.unsqueeze(-1)).mul_(g_ent).add_(g_lp).mul_(p).neg_()
     grad.scatter_add_(1, targets.clamp(min=0).unsqueeze(-1), g_lp)
     if temperature != 1.0:

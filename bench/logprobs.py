@@ -1,0 +1,230 @@
+"""Bench: per-token log-probs from hidden states, fwd and fwd+bwd, time and peak memory.
+
+Providers: eager (logits -> float -> log_softmax -> gather, + entropy with --entropy), torch.compile
+of eager, Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), cut-cross-entropy's
+linear_cross_entropy(reduction="none"), ours (rlhf_fast.kernels.token_logprobs), and on CUDA the
+cuBLAS floor: the forward GEMM (fwd) or it plus the backward's two GEMMs (fwd+bwd).
+Each provider's log-probs and gradients are checked against ours before it is timed.
+
+Rates: TFLOP/s = k x 2 N D V / time, k = 1 GEMM for fwd, 3 for fwd+bwd (the useful work; ours
+recomputes the logits in the backward, a 4th GEMM not counted). Peak memory: on CUDA,
+max_memory_allocated above the inputs; on CPU, ru_maxrss of a fresh subprocess per provider above
+its own baseline taken after the inputs are allocated.
+
+    .venv/bin/python -m bench.logprobs [--device cpu|cuda] [--quick] [--entropy]
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from bench.common import cuda_peak_mb, time_ms, write_results
+from rlhf_fast.kernels import token_logprobs
+
+GPU_SHAPES = [(n, 4096, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
+CPU_SHAPE = (4096, 512, 32000)
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("eager", "torch.compile", "liger", "cut-cross-entropy", "ours", "cublas-floor")
+
+
+def eager(hidden, weight, targets, entropy=False):
+    """What a trainer writes without fused kernels."""
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return lp, (-(logp.exp() * logp).sum(-1) if entropy else None)
+
+
+def ours(hidden, weight, targets, entropy=False):
+    return token_logprobs(hidden, weight, targets, return_entropy=entropy)
+
+
+def liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return lambda hidden, weight, targets, entropy=False: (-loss(weight, hidden, targets), None)
+
+
+def cut_cross_entropy():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda hidden, weight, targets, entropy=False: (
+        -linear_cross_entropy(hidden, weight, targets, reduction="none").float(), None)
+
+
+def provider_fn(name, device, entropy):
+    """(fn, None) or (None, why it is not run)."""
+    if name == "eager":
+        return eager, None
+    if name == "ours":
+        return ours, None
+    if name == "torch.compile":
+        return torch.compile(eager, dynamic=False), None
+    if name == "cublas-floor":
+        return (None, "not run (CUDA only)") if device == "cpu" else (None, None)
+    if entropy:
+        return None, "no entropy output"
+    try:
+        fn = liger() if name == "liger" else cut_cross_entropy()
+    except ImportError:
+        return None, "not installed"
+    return (None, "not run (CUDA only)") if device == "cpu" else (fn, None)
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    n, d, v = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen) / d ** 0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen).to(device)
+    upstream = torch.randn(n, generator=gen).to(device)
+    return hidden, weight, targets, upstream
+
+
+def step(fn, inputs, mode, entropy):
+    """One call: forward, and for fwd+bwd the backward of sum(g * (lp + H))."""
+    hidden, weight, targets, upstream = inputs
+    hidden.grad = weight.grad = None
+    with torch.set_grad_enabled(mode == "fwd+bwd"):
+        lp, ent = fn(hidden, weight, targets, entropy)
+        if mode == "fwd+bwd":
+            (upstream * (lp if ent is None else lp + ent)).sum().backward()
+    return lp, ent, hidden.grad, weight.grad
+
+
+def floor_step(inputs, mode, grad_logits):
+    """The GEMMs alone: logits = H W^T; backward dH = G W and dW = G^T H with G precomputed."""
+    hidden, weight = inputs[0].detach(), inputs[1].detach()
+    logits = hidden @ weight.T
+    if mode == "fwd+bwd":
+        return logits, grad_logits @ weight, grad_logits.T @ hidden
+    return logits
+
+
+def max_rel_error(got, want):
+    errors = [((a.double() - b.double()).norm() / b.double().norm()).item()
+              for a, b in zip(got, want) if a is not None and b is not None]
+    return max(errors)
+
+
+def cpu_peak_rss_mb(provider, mode, shape, dtype, entropy):
+    """Peak RSS of one step above the inputs, in a fresh subprocess (ru_maxrss only grows)."""
+    args = [sys.executable, "-m", "bench.logprobs", "--rss-child", provider, mode,
+            "--shape", *map(str, shape), "--dtype", str(dtype).removeprefix("torch.")]
+    out = subprocess.run(args + (["--entropy"] if entropy else []), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def rss_child(provider, mode, shape, dtype, entropy):
+    fn, _ = provider_fn(provider, "cpu", entropy)
+    inputs = make_inputs(shape, dtype, "cpu")
+    if provider == "torch.compile":
+        step(fn, inputs, mode, entropy)  # compile first: its own memory is not the kernel's
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(fn, inputs, mode, entropy)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": (peak - base) / 1024}))  # ru_maxrss is in KiB on Linux
+
+
+def shape_label(shape, dtype):
+    n, d, v = shape
+    return f"N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}"
+
+
+def bench_shape(shape, dtype, device, entropy, reps):
+    """Rows (one per provider and mode) for one shape, all measured on `device`."""
+    n, d, v = shape
+    inputs = make_inputs(shape, dtype, device)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    rows, floor_ms = [], {}
+    for mode in MODES:
+        want = step(ours, inputs, mode, entropy)
+        gemms = 1 if mode == "fwd" else 3
+        for name in PROVIDERS:
+            row = {"shape": shape_label(shape, dtype), "mode": mode, "provider": name}
+            rows.append(row)
+            fn, why = provider_fn(name, device, entropy)
+            if why:
+                row["status"] = why
+                continue
+            if name == "cublas-floor":
+                grad_logits = torch.randn(n, v, device=device, dtype=dtype)
+                call = lambda: floor_step(inputs, mode, grad_logits)  # noqa: E731
+            else:
+                try:
+                    got = step(fn, inputs, mode, entropy)
+                except Exception as error:  # a peer that fails on this shape is a row, not a crash
+                    row["status"] = f"failed: {type(error).__name__}: {str(error)[:80]}"
+                    continue
+                error = max_rel_error(got, want)
+                row["rel_error_vs_ours"] = error
+                if error > tol:
+                    row["status"] = f"mismatch vs ours ({error:.1e} > {tol:.0e})"
+                    continue
+                call = lambda fn=fn: step(fn, inputs, mode, entropy)  # noqa: E731
+            median, p20, p80 = time_ms(call, device, *reps)
+            tflops = gemms * 2 * n * d * v / (median * 1e-3) / 1e12
+            row.update(median_ms=median, p20_ms=p20, p80_ms=p80,
+                       rate=f"{tflops:.3f} TFLOP/s ({gemms}x2NDV)")
+            if name == "cublas-floor":
+                floor_ms[mode] = median
+            if device == "cpu":
+                row["peak_mb"] = cpu_peak_rss_mb(name, mode, shape, dtype, entropy)
+            elif name != "cublas-floor":
+                row["peak_mb"] = cuda_peak_mb(call, device)
+        for row in rows:
+            if row["mode"] == mode and mode in floor_ms and row.get("median_ms"):
+                row["rate"] += f", {row['median_ms'] / floor_ms[mode]:.2f}x floor"
+    return rows
+
+
+def cpu_targets(rows):
+    """The CPU targets: ours' extra peak RSS under 20% of eager's, and its time no worse."""
+    by = {(r["provider"], r["mode"]): r for r in rows if r.get("median_ms") is not None}
+    verdict = {}
+    for mode in MODES:
+        mine, base = by.get(("ours", mode)), by.get(("eager", mode))
+        if mine and base and base["peak_mb"] > 0:
+            verdict[mode] = {
+                "peak_ratio": mine["peak_mb"] / base["peak_mb"],
+                "time_ratio": mine["median_ms"] / base["median_ms"],
+                "met": mine["peak_mb"] < 0.2 * base["peak_mb"] and mine["median_ms"] <= base["median_ms"],
+            }
+    return verdict
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; on CUDA one shape")
+    parser.add_argument("--entropy", action="store_true", help="also compute (and time) entropy")
+    parser.add_argument("--rss-child", nargs=2, metavar=("PROVIDER", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--shape", nargs=3, type=int, default=CPU_SHAPE, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        return rss_child(*args.rss_child, tuple(args.shape), getattr(torch, args.dtype), args.entropy)
+
+    reps = (1, 5) if args.quick else (2, 7)
+    if args.device.startswith("cuda"):
+        shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
+        rows = [r for s in shapes for r in bench_shape(s, torch.bfloat16, args.device, args.entropy, reps)]
+        meta = {}
+    else:
+        torch.manual_seed(0)
+        rows = bench_shape(CPU_SHAPE, torch.float32, "cpu", args.entropy, reps)
+        rows += [{"shape": shape_label(s, torch.bfloat16), "mode": "fwd, fwd+bwd", "provider": "all",
+                  "status": "not run (no CUDA device)"} for s in GPU_SHAPES]
+        meta = {"cpu_targets": cpu_targets(rows), "threads": torch.get_num_threads()}
+    path = write_results("logprobs", args.device, rows, entropy=args.entropy, quick=args.quick, **meta)
+    print(json.dumps({"results": str(path), **meta}, indent=2))
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
