@@ -186,11 +186,15 @@ def _kernel_view(x: torch.Tensor) -> torch.Tensor:
 
 def ppo_loss_fwd(logprobs, old_logprobs, advantages, mask, ratio_lo, ratio_hi, dual_clip, seq_mean):
     """Launch forward + reduce on (B, T) inputs: (loss fp32 (), stats fp32 (6,), partials)."""
+    tensors = (logprobs, old_logprobs, advantages, mask)
+    if logprobs.dim() != 2 or any(x.shape != logprobs.shape for x in tensors):
+        raise ValueError(f"ppo_loss_fwd: expected four tensors of one (B, T) shape, got "
+                         f"{[tuple(x.shape) for x in tensors]}")
     B, T = logprobs.shape
     block_t, nb, block_nb, block_b = _block_sizes(B, T)
     partials = torch.empty((NUM_STATS, B, nb), dtype=torch.float32, device=logprobs.device)
     loss = torch.empty((), dtype=torch.float32, device=logprobs.device)
-    stats = torch.empty((6,), dtype=torch.float32, device=logprobs.device)
+    stats = torch.empty((STAT_ROWS.value + 1,), dtype=torch.float32, device=logprobs.device)
     _ppo_loss_fwd_kernel[(B, nb)](
         logprobs, old_logprobs, advantages, mask, partials,
         B, T, nb,

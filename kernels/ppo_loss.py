@@ -46,7 +46,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     backend: "triton" (fused forward + one-program deterministic reduce + fused backward), "torch"
     (fp32, gradient in closed form saved by the forward), "reference" (fp64 spec), "auto".
     Returns (loss fp32 scalar, stats) with stats clipfrac, approx_kl (exp(d) - 1 - d, d = lp - old),
-    ratio_mean, ratio_max: detached fp32 scalars. Gradient flows to logprobs only; never syncs the host.
+    ratio_mean, ratio_max: detached fp32 scalars. Gradient flows to logprobs only. The triton and
+    torch paths never sync the host (no .item()); the triton path is bitwise deterministic.
     """
     backend = resolve_backend(backend, logprobs, "ppo_policy_loss")
     _check_clip(clip_low, clip_high, dual_clip)
