@@ -4,7 +4,7 @@ import torch
 
 from compare import assert_rel_close
 from rlhf_fast.kernels import kl_penalized_rewards, kl_penalty, reference
-from test_ppo_loss import DTYPES, random_response_mask
+from test_ppo_loss import DEVICE, DTYPES, random_response_mask
 
 ESTIMATORS = ["k1", "k2", "k3"]
 
@@ -25,9 +25,9 @@ def test_kl_penalty_values_and_gradients(estimator, shape, dtype):
     expected = reference.kl_penalty(lp64, ref64, estimator)
     (expected * upstream).sum().backward()
 
-    lp_ours, ref_ours = lp.clone().requires_grad_(), ref.clone().requires_grad_()
+    lp_ours, ref_ours = lp.to(DEVICE, copy=True).requires_grad_(), ref.to(DEVICE, copy=True).requires_grad_()
     kl = kl_penalty(lp_ours, ref_ours, estimator)
-    (kl * upstream).sum().backward()
+    (kl * upstream.to(DEVICE)).sum().backward()
 
     assert kl.dtype == torch.float32
     assert_rel_close(kl, expected, 1e-5, f"{estimator} value")
@@ -42,7 +42,7 @@ def test_k3_is_accurate_near_zero():
     lp = -torch.rand(1000)
     ref = lp + 1e-3 * torch.randn(1000)
     expected = reference.kl_penalty(lp, ref, "k3")
-    got = kl_penalty(lp, ref, "k3")
+    got = kl_penalty(lp.to(DEVICE), ref.to(DEVICE), "k3").cpu()
     assert torch.all((got.double() - expected).abs() <= 1e-5 * expected + 1e-12)
 
 
@@ -61,9 +61,9 @@ def test_kl_penalized_rewards_matches_reference(estimator, shape, dtype):
     scores = torch.randn(shape[0]).to(dtype)
     expected = reference.kl_penalized_rewards(scores, lp, ref, mask, kl_coef=0.05, estimator=estimator)
     # padding is never read: poison it
-    rewards = kl_penalized_rewards(scores, lp.masked_fill(~mask, float("nan")),
-                                   ref.masked_fill(~mask, float("-inf")), mask.to(torch.int32),
-                                   kl_coef=0.05, estimator=estimator)
+    rewards = kl_penalized_rewards(scores.to(DEVICE), lp.masked_fill(~mask, float("nan")).to(DEVICE),
+                                   ref.masked_fill(~mask, float("-inf")).to(DEVICE),
+                                   mask.to(DEVICE, torch.int32), kl_coef=0.05, estimator=estimator).cpu()
     assert rewards.dtype == torch.float32 and not rewards.requires_grad
     assert_rel_close(rewards, expected, 1e-5, "rewards")
 
@@ -73,7 +73,7 @@ def test_score_lands_on_each_rows_last_valid_token():
     lp, ref = log_probs((B, T), torch.float32)
     mask = random_response_mask(B, T)
     scores = torch.arange(1.0, B + 1)
-    rewards = kl_penalized_rewards(scores, lp, ref, mask, kl_coef=0.1)
+    rewards = kl_penalized_rewards(*(x.to(DEVICE) for x in (scores, lp, ref, mask)), kl_coef=0.1).cpu()
     penalty = torch.where(mask, -0.1 * (lp - ref), 0.0)
     for b in range(B):
         positions = torch.nonzero(mask[b]).flatten().tolist()

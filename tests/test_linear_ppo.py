@@ -6,7 +6,7 @@ import torch
 
 from compare import assert_rel_close, relative_error
 from rlhf_fast.kernels import linear_ppo_loss, reference
-from test_ppo_loss import random_response_mask
+from test_ppo_loss import DEVICE, random_response_mask
 
 D, V = 16, 50
 CONFIGS = {
@@ -54,15 +54,23 @@ def composed_reference(hidden, weight, targets, old_logprobs, advantages, mask, 
     return loss, stats, h.grad, w.grad, None if b is None else b.grad
 
 
+def on_device(x, leaf=False):
+    """A copy of x on DEVICE (None stays None), a grad-requiring leaf if asked."""
+    if x is None:
+        return None
+    x = x.to(DEVICE, copy=True)
+    return x.requires_grad_() if leaf else x
+
+
 def run_ours(backend, inputs, options):
-    hidden = inputs["hidden"].clone().requires_grad_()
-    weight = inputs["weight"].clone().requires_grad_()
-    bias = options["bias"]
-    bias = None if bias is None else bias.clone().requires_grad_()
-    loss, stats = linear_ppo_loss(**dict(inputs, hidden=hidden, weight=weight),
-                                  **dict(options, bias=bias), backend=backend)
+    """linear_ppo_loss on DEVICE: (loss, stats, d hidden, d weight, d bias), all on the CPU."""
+    hidden, weight, bias = (on_device(x, leaf=True) for x in (inputs["hidden"], inputs["weight"], options["bias"]))
+    data = {name: on_device(x) for name, x in inputs.items() if name not in ("hidden", "weight")}
+    loss, stats = linear_ppo_loss(hidden, weight, **data, **dict(
+        options, bias=bias, ref_logprobs=on_device(options["ref_logprobs"])), backend=backend)
     loss.backward()
-    return loss, stats, hidden.grad, weight.grad, None if bias is None else bias.grad
+    grads = [None if x is None else x.grad.cpu() for x in (hidden, weight, bias)]
+    return (loss.cpu(), {name: value.cpu() for name, value in stats.items()}, *grads)
 
 
 def eager_bf16(hidden, weight, targets, old_logprobs, advantages, mask, *, ref_logprobs=None, bias=None,
@@ -139,8 +147,10 @@ def sgd_losses(loss_of, weight, steps=4, lr=0.03):
 def test_linear_ppo_loss_tracks_reference_over_sgd_steps():
     """A few SGD steps on the LM head with the fused Triton path and with the fp64 spec."""
     inputs, options = problem(LAYOUTS["flat"], torch.float32, **CONFIGS["kl-entropy"])
-    fused = sgd_losses(lambda w: linear_ppo_loss(**dict(inputs, weight=w), **options, backend="triton")[0],
-                       inputs["weight"])
+    device_inputs = {name: on_device(x) for name, x in inputs.items()}
+    device_options = dict(options, ref_logprobs=on_device(options["ref_logprobs"]))
+    fused = sgd_losses(lambda w: linear_ppo_loss(**dict(device_inputs, weight=w), **device_options,
+                                                 backend="triton")[0], device_inputs["weight"])
     spec_inputs = dict(inputs, hidden=inputs["hidden"].double())
     spec = sgd_losses(lambda w: reference.linear_ppo_loss(**dict(spec_inputs, weight=w), **options)[0],
                       inputs["weight"].double())

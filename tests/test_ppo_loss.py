@@ -9,6 +9,8 @@ import torch
 from compare import assert_rel_close
 from rlhf_fast.kernels import ppo_policy_loss, reference, value_loss
 
+# our paths run on the GPU where there is one (Triton compiled), else on the CPU (Triton interpreted)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton", "reference"]
 SHAPES = [(1, 1), (3, 1), (7, 33), (5, 130)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -48,11 +50,13 @@ def grad_tol(dtype):
     return 1e-5 if dtype == torch.float32 else 8e-3
 
 
-def run_policy(backend, logprobs, old_logprobs, advantages, mask, **kwargs):
-    lp = logprobs.clone().requires_grad_()
-    loss, stats = ppo_policy_loss(lp, old_logprobs, advantages, mask, backend=backend, **kwargs)
-    loss.backward()
-    return loss, stats, lp.grad
+def run_policy(backend, logprobs, old_logprobs, advantages, mask, upstream=1.0, **kwargs):
+    """ppo_policy_loss on DEVICE, backward of upstream x loss: (loss, stats, d / d logprobs) on the CPU."""
+    lp = logprobs.to(DEVICE, copy=True).requires_grad_()
+    loss, stats = ppo_policy_loss(lp, *(x.to(DEVICE) for x in (old_logprobs, advantages, mask)),
+                                  backend=backend, **kwargs)
+    (upstream * loss).backward()
+    return loss.cpu(), {name: value.cpu() for name, value in stats.items()}, lp.grad.cpu()
 
 
 def run_reference(logprobs, old_logprobs, advantages, mask, **kwargs):
@@ -117,12 +121,10 @@ def test_triton_policy_loss_is_deterministic():
 
 def test_policy_loss_scales_with_upstream_gradient():
     lp, old, adv, mask = policy_inputs(3, 40, torch.float32)
+    _, _, ref_grad = run_reference(lp, old, adv, mask)
     for backend in ("torch", "triton"):
-        x = lp.clone().requires_grad_()
-        loss, _ = ppo_policy_loss(x, old, adv, mask, backend=backend)
-        (3.0 * loss).backward()
-        _, _, ref_grad = run_reference(lp, old, adv, mask)
-        assert_rel_close(x.grad, 3.0 * ref_grad, 1e-5, f"{backend} grad of 3 x loss")
+        _, _, grad = run_policy(backend, lp, old, adv, mask, upstream=3.0)
+        assert_rel_close(grad, 3.0 * ref_grad, 1e-5, f"{backend} grad of 3 x loss")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -159,18 +161,20 @@ def test_value_loss_matches_reference(shape, dtype):
     v_ref = v.double().requires_grad_()
     ref_loss, ref_stats = reference.value_loss(v_ref, old, ret, mask, clip=0.2)
     ref_loss.backward()
-    v_ours = poison_padding(v, mask).requires_grad_()
-    loss, stats = value_loss(v_ours, poison_padding(old, mask), poison_padding(ret, mask), mask, clip=0.2)
+    v_ours = poison_padding(v, mask).to(DEVICE).requires_grad_()
+    loss, stats = value_loss(v_ours, *(poison_padding(x, mask).to(DEVICE) for x in (old, ret)), mask.to(DEVICE),
+                             clip=0.2)
     loss.backward()
+    loss, stats, grad = loss.cpu(), {name: value.cpu() for name, value in stats.items()}, v_ours.grad.cpu()
 
     assert loss.dtype == torch.float32
     assert_rel_close(loss, ref_loss, 1e-5, "value loss")
     for name in ("clipfrac", "explained_variance"):
         assert stats[name].dtype == torch.float32 and not stats[name].requires_grad
         assert_rel_close(stats[name], ref_stats[name], 1e-5, name)
-    assert v_ours.grad.dtype == dtype
-    assert_rel_close(v_ours.grad, v_ref.grad, grad_tol(dtype), "d loss / d values")
-    assert torch.all(v_ours.grad[~mask] == 0)
+    assert grad.dtype == dtype
+    assert_rel_close(grad, v_ref.grad, grad_tol(dtype), "d loss / d values")
+    assert torch.all(grad[~mask] == 0)
 
 
 def test_value_loss_clips_some_tokens():
