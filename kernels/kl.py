@@ -11,7 +11,7 @@ import torch
 ESTIMATORS = ("k1", "k2", "k3")
 
 
-def _check_estimator(estimator: str) -> None:
+def check_estimator(estimator: str) -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {ESTIMATORS}")
 
@@ -71,7 +71,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
       k1 = d,  k2 = d^2 / 2,  k3 = exp(-d) - 1 + d  (unbiased and always >= 0).
     Returns fp32 of the same shape, differentiable w.r.t. both inputs. No mask is applied here.
     """
-    _check_estimator(estimator)
+    check_estimator(estimator)
     if logprobs.shape != ref_logprobs.shape:
         raise ValueError(f"kl_penalty: logprobs {tuple(logprobs.shape)} and ref_logprobs "
                          f"{tuple(ref_logprobs.shape)} must have the same shape")
@@ -92,7 +92,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     scores (B,), logprobs / ref_logprobs / mask (B, T); any float dtype, mask bool/int/float.
     Returns fp32 (B, T), 0 off-mask; a row without response tokens gets no score. No gradient.
     """
-    _check_estimator(estimator)
+    check_estimator(estimator)
     if logprobs.dim() != 2 or logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(f"kl_penalized_rewards: expected logprobs, ref_logprobs and mask of one (B, T) "
                          f"shape, got {tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)}, {tuple(mask.shape)}")

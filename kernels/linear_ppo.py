@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._dispatch import resolve_backend
-from .kl import _check_estimator, kl_penalty
+from .kl import check_estimator, kl_penalty
 from .ppo_loss import ppo_policy_loss
 from .token_logprobs import token_logprobs
 
@@ -56,7 +56,7 @@ def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, 
     Never holds the (N, V) logits.
     """
     backend = resolve_backend(backend, hidden, "linear_ppo_loss")
-    _check_estimator(kl_estimator)
+    check_estimator(kl_estimator)
     _check_shapes(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs)
     if backend == "reference":
         return _reference_loss(hidden, weight, targets, old_logprobs, advantages, mask,
