@@ -8,16 +8,18 @@ Each provider's log-probs and gradients are checked against ours before it is ti
 
 Rates: TFLOP/s = k x 2 N D V / time, k = 1 GEMM for fwd, 3 for fwd+bwd (the useful work; ours
 recomputes the logits in the backward, a 4th GEMM not counted). Peak memory: on CUDA,
-max_memory_allocated above the inputs; on CPU, ru_maxrss of a fresh subprocess per provider above
-its own baseline taken after the inputs are allocated.
+max_memory_allocated above the inputs; on CPU, the peak RSS (VmHWM) of a fresh subprocess per provider above
+its own baseline taken after the inputs are allocated (VmHWM, reset before the step).
 
     .venv/bin/python -m bench.logprobs [--device cpu|cuda] [--quick] [--entropy]
 """
 import argparse
 import json
-import resource
+import statistics
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -111,7 +113,7 @@ def max_rel_error(got, want):
 
 
 def cpu_peak_rss_mb(provider, mode, shape, dtype, entropy):
-    """Peak RSS of one step above the inputs, in a fresh subprocess (ru_maxrss only grows)."""
+    """Peak RSS of one step above the inputs, in a fresh subprocess per provider."""
     args = [sys.executable, "-m", "bench.logprobs", "--rss-child", provider, mode,
             "--shape", *map(str, shape), "--dtype", str(dtype).removeprefix("torch.")]
     out = subprocess.run(args + (["--entropy"] if entropy else []), capture_output=True, text=True,
@@ -119,15 +121,28 @@ def cpu_peak_rss_mb(provider, mode, shape, dtype, entropy):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def _status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def rss_child(provider, mode, shape, dtype, entropy):
+    """Print the peak RSS of one step above the RSS after the inputs are allocated, in MB.
+
+    Linux keeps ru_maxrss across fork + exec, so a child of a big parent starts at the parent's
+    peak and ru_maxrss deltas read 0; the per-process VmHWM, reset through /proc/self/clear_refs,
+    is the same high-water mark without that inheritance.
+    """
     fn, _ = provider_fn(provider, "cpu", entropy)
     inputs = make_inputs(shape, dtype, "cpu")
     if provider == "torch.compile":
         step(fn, inputs, mode, entropy)  # compile first: its own memory is not the kernel's
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _status_kib("VmRSS")
     step(fn, inputs, mode, entropy)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (peak - base) / 1024}))  # ru_maxrss is in KiB on Linux
+    print(json.dumps({"peak_mb": (_status_kib("VmHWM") - base) / 1024}))
 
 
 def shape_label(shape, dtype):
@@ -135,50 +150,68 @@ def shape_label(shape, dtype):
     return f"N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}"
 
 
+def interleaved_ms(calls, warmup, rep):
+    """{name: (median, p20, p80)} ms on CPU, the providers taking turns rep by rep, so that the
+    shared machine's background load falls on all of them alike (bench.common.time_ms per call)."""
+    samples = {name: [] for name in calls}
+    for _ in range(rep):
+        for name, call in calls.items():
+            samples[name].append(time_ms(call, "cpu", warmup=warmup, rep=1)[0])
+        warmup = 0
+    out = {}
+    for name, values in samples.items():
+        values = sorted(values)
+        pick = lambda q: values[round(q * (len(values) - 1))]  # noqa: E731
+        out[name] = (statistics.median(values), pick(0.2), pick(0.8))
+    return out
+
+
 def bench_shape(shape, dtype, device, entropy, reps):
     """Rows (one per provider and mode) for one shape, all measured on `device`."""
     n, d, v = shape
     inputs = make_inputs(shape, dtype, device)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    rows, floor_ms = [], {}
+    rows = []
     for mode in MODES:
         want = step(ours, inputs, mode, entropy)
         gemms = 1 if mode == "fwd" else 3
+        calls, mode_rows = {}, {}
         for name in PROVIDERS:
-            row = {"shape": shape_label(shape, dtype), "mode": mode, "provider": name}
-            rows.append(row)
+            row = mode_rows[name] = {"shape": shape_label(shape, dtype), "mode": mode, "provider": name}
             fn, why = provider_fn(name, device, entropy)
             if why:
                 row["status"] = why
                 continue
             if name == "cublas-floor":
                 grad_logits = torch.randn(n, v, device=device, dtype=dtype)
-                call = lambda: floor_step(inputs, mode, grad_logits)  # noqa: E731
-            else:
-                try:
-                    got = step(fn, inputs, mode, entropy)
-                except Exception as error:  # a peer that fails on this shape is a row, not a crash
-                    row["status"] = f"failed: {type(error).__name__}: {str(error)[:80]}"
-                    continue
-                error = max_rel_error(got, want)
-                row["rel_error_vs_ours"] = error
-                if error > tol:
-                    row["status"] = f"mismatch vs ours ({error:.1e} > {tol:.0e})"
-                    continue
-                call = lambda fn=fn: step(fn, inputs, mode, entropy)  # noqa: E731
-            median, p20, p80 = time_ms(call, device, *reps)
+                calls[name] = lambda: floor_step(inputs, mode, grad_logits)  # noqa: E731
+                continue
+            try:
+                got = step(fn, inputs, mode, entropy)
+            except Exception as error:  # a peer that fails on this shape is a row, not a crash
+                row["status"] = f"failed: {type(error).__name__}: {str(error)[:80]}"
+                continue
+            row["rel_error_vs_ours"] = error = max_rel_error(got, want)
+            if error > tol:
+                row["status"] = f"mismatch vs ours ({error:.1e} > {tol:.0e})"
+                continue
+            calls[name] = lambda fn=fn: step(fn, inputs, mode, entropy)  # noqa: E731
+        if device == "cpu":
+            timings = interleaved_ms(calls, *reps)
+        else:
+            timings = {name: time_ms(call, device) for name, call in calls.items()}
+        for name, (median, p20, p80) in timings.items():
+            row = mode_rows[name]
             tflops = gemms * 2 * n * d * v / (median * 1e-3) / 1e12
             row.update(median_ms=median, p20_ms=p20, p80_ms=p80,
                        rate=f"{tflops:.3f} TFLOP/s ({gemms}x2NDV)")
-            if name == "cublas-floor":
-                floor_ms[mode] = median
+            if "cublas-floor" in timings:
+                row["rate"] += f", {median / timings['cublas-floor'][0]:.2f}x floor"
             if device == "cpu":
                 row["peak_mb"] = cpu_peak_rss_mb(name, mode, shape, dtype, entropy)
             elif name != "cublas-floor":
-                row["peak_mb"] = cuda_peak_mb(call, device)
-        for row in rows:
-            if row["mode"] == mode and mode in floor_ms and row.get("median_ms"):
-                row["rate"] += f", {row['median_ms'] / floor_ms[mode]:.2f}x floor"
+                row["peak_mb"] = cuda_peak_mb(calls[name], device)
+        rows += mode_rows.values()
     return rows
 
 
@@ -209,7 +242,7 @@ def main(argv=None):
     if args.rss_child:
         return rss_child(*args.rss_child, tuple(args.shape), getattr(torch, args.dtype), args.entropy)
 
-    reps = (1, 5) if args.quick else (2, 7)
+    reps = (1, 5) if args.quick else (1, 9)  # (warmup, rep)
     if args.device.startswith("cuda"):
         shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
         rows = [r for s in shapes for r in bench_shape(s, torch.bfloat16, args.device, args.entropy, reps)]
@@ -219,7 +252,8 @@ def main(argv=None):
         rows = bench_shape(CPU_SHAPE, torch.float32, "cpu", args.entropy, reps)
         rows += [{"shape": shape_label(s, torch.bfloat16), "mode": "fwd, fwd+bwd", "provider": "all",
                   "status": "not run (no CUDA device)"} for s in GPU_SHAPES]
-        meta = {"cpu_targets": cpu_targets(rows), "threads": torch.get_num_threads()}
+        meta = {"cpu_targets": cpu_targets(rows), "threads": torch.get_num_threads(),
+                "load_average_1_5_15": os.getloadavg()}
     path = write_results("logprobs", args.device, rows, entropy=args.entropy, quick=args.quick, **meta)
     print(json.dumps({"results": str(path), **meta}, indent=2))
     for row in rows:
