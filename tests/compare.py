@@ -20,6 +20,6 @@ def assert_rel_close(out, ref, tol, name="output"):
     if err > tol:
         diff = (out64 - ref64).abs().masked_fill(~finite, 0).flatten()
         worst = diff.topk(min(5, diff.numel())).indices
-        rows = [(tuple(torch.unravel_index(i, out64.shape)), out64.flatten()[i].item(),
+        rows = [(tuple(int(j) for j in torch.unravel_index(torch.tensor(i), out64.shape)), out64.flatten()[i].item(),
                  ref64.flatten()[i].item()) for i in worst.tolist()]
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst (index, out, ref): {rows}")

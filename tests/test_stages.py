@@ -185,3 +185,23 @@ ppo: {{prompts: {prompts}, iterations: 2, batch_size: 4, mini_batch_size: 2, mic
         assert key in rows[-1]
     assert (out / "ppo" / "policy" / "value_head.safetensors").exists()
     assert (out / "ppo" / "checkpoints" / "step-000001").is_dir()
+
+
+def test_ppo_with_a_reward_model_of_its_own(tiny_model_dir, tmp_path):
+    """A fully fine-tuned reward model loads as its own directory; the policy keeps its trunk."""
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " good", "rejected": " bad"}
+                                                    for i in range(8)])
+    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
+                                    lora_r=0, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
+    trainer = ppo.PPOTrainer(ppo.PPOConfig(
+        model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+        output_dir=str(tmp_path / "ppo"), lora_r=4, iterations=1, batch_size=2, mini_batch_size=2,
+        micro_batch_size=2, max_new_tokens=3, max_length=16))
+    assert trainer.reward_model.adapter is None and trainer.reward_model.trunk is not trunk_of(trainer)
+    stats = trainer.step()
+    assert stats["ppo/kl"] == 0.0 and torch.isfinite(torch.tensor(stats["ppo/policy_loss"]))
+
+
+def trunk_of(trainer):
+    return trainer.actor.model

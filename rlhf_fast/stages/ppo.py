@@ -118,7 +118,7 @@ class PPOTrainer:
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
         self.reward_model = load_reward_model(config.reward_model, shared_trunk=model if config.lora_r else None,
                                               device=self.device, dtype=config.dtype)
-        if config.lora_r:
+        if self.reward_model.adapter is not None:
             model = self.reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
         value_head = self._value_head(model.config.hidden_size)
         self.actor = (ActorCritic(model, value_head) if config.lora_r else
