@@ -66,7 +66,8 @@ def time_ms(fn, device: str, warmup: int = 3, rep: int = 10) -> tuple[float, flo
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    # "inclusive" interpolates between observed samples; the default extrapolates past them
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
     return statistics.median(samples), q[1], q[7]
 
 

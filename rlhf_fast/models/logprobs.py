@@ -7,38 +7,7 @@ module itself is never called, so the (B, T, V) logits are never made.
 import torch
 
 from rlhf_fast.kernels import token_logprobs
-
-# Config fields of models whose logits are not (hidden @ W.T + b) / temperature: the fused head
-# does not model them, so such a model gets a clear error rather than wrong log-probs.
-UNSUPPORTED_HEAD_FIELDS = {
-    "final_logit_softcapping": "tanh soft-capping of the logits (Gemma 2/3)",
-    "logit_scale": "a logit scale (Cohere)",
-    "logits_scaling": "a logit divisor (Granite)",
-    "lm_head_multiplier": "an LM-head multiplier (Falcon-H1)",
-}
-
-
-def _check_head(model):
-    config = model.config
-    for field, what in UNSUPPORTED_HEAD_FIELDS.items():
-        value = getattr(config, field, None)
-        if value is not None and value != 1.0:
-            raise NotImplementedError(
-                f"sequence_logprobs: {type(model).__name__} has {field}={value} ({what}); the fused "
-                f"head computes plain (hidden @ W.T + b) / temperature, so it would be wrong here")
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise NotImplementedError(
-            f"sequence_logprobs: the output embeddings are a {type(head).__name__}, not a plain "
-            f"nn.Linear (an adapter on lm_head?); the fused head reads only weight and bias")
-    return head
-
-
-def _trunk(model):
-    """The decoder stack that returns last_hidden_state (LoRA layers, if any, live inside it)."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    return model.get_decoder()
+from rlhf_fast.models.trunk import fusable_head, last_hidden
 
 
 def counted_positions(attention_mask, response_start=None):
@@ -70,10 +39,8 @@ def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, 
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"sequence_logprobs: input_ids and attention_mask must both be (B, T), got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-    head = _check_head(model)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = _trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=False).last_hidden_state
+    head = fusable_head(model)
+    hidden = last_hidden(model, input_ids, attention_mask)
 
     counted = counted_positions(attention_mask, response_start)     # (B, T-1)
     picked_hidden = hidden[:, :-1][counted]                           # (M, D), M counted tokens

@@ -15,7 +15,7 @@ from torch import nn
 
 from rlhf_fast.kernels import token_logprobs
 from rlhf_fast.models.heads import ScalarHead
-from rlhf_fast.models.trunk import check_fusable_head, last_hidden, lm_head_of
+from rlhf_fast.models.trunk import fusable_head, last_hidden, lm_head_of
 
 
 class ActorCritic(nn.Module):
@@ -23,7 +23,7 @@ class ActorCritic(nn.Module):
 
     def __init__(self, model: nn.Module, value_head: ScalarHead, *, reference: nn.Module | None = None):
         super().__init__()
-        check_fusable_head(model)
+        fusable_head(model)
         self.model, self.value_head = model, value_head
         # None: the reference is `model` with its adapters disabled (no second copy)
         self.reference_model = reference

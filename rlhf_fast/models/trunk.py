@@ -30,13 +30,31 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
     return head
 
 
-def check_fusable_head(model: nn.Module) -> None:
-    """The fused kernels model logits = hidden @ W.T + b; refuse heads that do more."""
-    config = unwrap_peft(model).config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1.0):
-            raise NotImplementedError(f"{config.model_type}: config.{attr}={getattr(config, attr)} "
-                                      "changes the logits after the LM head; the fused head does not model it")
+# Config fields of models whose logits are not (hidden @ W.T + b) / temperature: the fused head
+# does not model them, so such a model gets a clear error rather than wrong log-probs.
+UNSUPPORTED_HEAD_FIELDS = {
+    "final_logit_softcapping": "tanh soft-capping of the logits (Gemma 2/3)",
+    "logit_scale": "a logit scale (Cohere)",
+    "logits_scaling": "a logit divisor (Granite)",
+    "lm_head_multiplier": "an LM-head multiplier (Falcon-H1)",
+}
+
+
+def fusable_head(model: nn.Module) -> nn.Linear:
+    """The LM head, after checking that logits = hidden @ W.T + b is all it does."""
+    base = unwrap_peft(model)
+    for field, what in UNSUPPORTED_HEAD_FIELDS.items():
+        value = getattr(base.config, field, None)
+        if value is not None and value != 1.0:
+            raise NotImplementedError(
+                f"{type(base).__name__} has {field}={value} ({what}); the fused head computes plain "
+                "(hidden @ W.T + b) / temperature, so it would be wrong here")
+    head = lm_head_of(model)
+    if not isinstance(head, nn.Linear):
+        raise NotImplementedError(
+            f"the output embeddings are a {type(head).__name__}, not a plain nn.Linear (an adapter "
+            "on lm_head?); the fused head reads only weight and bias")
+    return head
 
 
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
