@@ -73,3 +73,10 @@ def test_ci_runs_the_readme_test_command():
     commands = [line for line in readme[:6] if line.startswith("bash ")]
     assert len(commands) == 2, f"README must open with exactly two commands, found {commands}"
     assert commands[1] in (root / ".ci" / "run").read_text()
+
+
+def test_selfcheck_passes_on_this_machine(capsys):
+    from rlhf_fast.selfcheck import main
+
+    assert main([]) == 0
+    assert "all kernels match their fp64 reference" in capsys.readouterr().out

@@ -21,19 +21,23 @@ from rlhf_fast.models.trunk import fusable_head, last_hidden, lm_head_of
 class ActorCritic(nn.Module):
     """The policy trunk with its value head, and the reference it is penalised against."""
 
-    def __init__(self, model: nn.Module, value_head: ScalarHead, *, reference: nn.Module | None = None):
+    def __init__(self, model: nn.Module, value_head: ScalarHead, *, reference: nn.Module | None = None,
+                 value_trunk_grad: bool = False):
         super().__init__()
         fusable_head(model)
         self.model, self.value_head = model, value_head
+        # False: the value loss trains the head only, so it cannot drag the policy's trunk around
+        self.value_trunk_grad = value_trunk_grad
         # None: the reference is `model` with its adapters disabled (no second copy)
         self.reference_model = reference
 
     @classmethod
-    def full_finetune(cls, model: nn.Module, value_head: ScalarHead, offload_reference: bool = False):
+    def full_finetune(cls, model: nn.Module, value_head: ScalarHead, offload_reference: bool = False,
+                      value_trunk_grad: bool = False):
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         if offload_reference:
             reference.to("cpu")
-        return cls(model, value_head, reference=reference)
+        return cls(model, value_head, reference=reference, value_trunk_grad=value_trunk_grad)
 
     def hidden(self, input_ids, attention_mask) -> torch.Tensor:
         return last_hidden(self.model, input_ids, attention_mask)
@@ -44,7 +48,8 @@ class ActorCritic(nn.Module):
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s_t) for the [B, L-1] target frame: the state before token t + 1."""
-        return self.value_head(hidden[:, :-1])
+        hidden = hidden[:, :-1]
+        return self.value_head(hidden if self.value_trunk_grad else hidden.detach())
 
     def logprobs(self, hidden, input_ids, response_mask, *, temperature: float, return_entropy=False):
         """log pi(token t+1) on the [B, L-1] frame through the fused head; 0 off the response."""

@@ -57,6 +57,7 @@ class PPOConfig(TrainConfig):
     score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)")
     missing_eos_penalty: float = option(0.0, "subtracted from the score of responses without EOS")
     value_init_from_reward: bool = option(True, "initialise the value head from the reward head")
+    value_trunk_grad: bool = option(False, "let the value loss train the shared trunk too (off: head only)")
     offload_reference: bool = option(False, "full fine-tuning: keep the frozen reference on the CPU")
     ptx_data: str = option("", "SFT JSONL for the PPO-ptx pretraining-mix term (empty = off)")
     ptx_coef: float = option(0.0, "weight of the PPO-ptx NLL term (InstructGPT's gamma)")
@@ -121,8 +122,9 @@ class PPOTrainer:
         if self.reward_model.adapter is not None:
             model = self.reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
         value_head = self._value_head(model.config.hidden_size)
-        self.actor = (ActorCritic(model, value_head) if config.lora_r else
-                      ActorCritic.full_finetune(model, value_head, config.offload_reference))
+        self.actor = (ActorCritic(model, value_head, value_trunk_grad=config.value_trunk_grad) if config.lora_r else
+                      ActorCritic.full_finetune(model, value_head, config.offload_reference,
+                                                config.value_trunk_grad))
         self.prompts = [data.encode_prompt(self.tokenizer, p.prompt)
                         for p in data.load_prompts(config.prompts)]
         self.ptx = self._ptx_examples()
