@@ -18,6 +18,7 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
+PROJECT_README = BENCH_DIR.parent / "README.md"  # carries the same generated table
 TABLE_BEGIN, TABLE_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -83,7 +84,7 @@ def cuda_peak_mb(fn, device: str) -> float:
 
 
 def write_results(bench: str, device: str, rows: list[dict], **meta) -> Path:
-    """Write bench/results/<bench>-<device>.json and regenerate the bench/README.md table."""
+    """Write bench/results/<bench>-<device>.json and regenerate the tables in both READMEs."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{bench}-{device_slug(device)}.json"
     payload = {"bench": bench, **environment(device), **meta, "rows": rows}
@@ -105,12 +106,16 @@ def regenerate_table() -> None:
             timing = ""
             if row.get("median_ms") is not None:
                 timing = f"{row['median_ms']:.3f} ({row['p20_ms']:.3f}-{row['p80_ms']:.3f})"
+            # a row that needs CUDA names the GPU it is for, not the CPU that skipped it
+            device = row.get("device") or ("CUDA GPU" if "CUDA" in row.get("status", "") else result["device"])
             lines.append("| " + " | ".join([
-                result["bench"], result["device"], row.get("shape", ""), row.get("mode", ""),
+                result["bench"], device, row.get("shape", ""), row.get("mode", ""),
                 row["provider"], timing, _fmt(row.get("peak_mb"), ".1f"), row.get("rate", ""),
                 row.get("status", "ok")]) + " |")
     table = "\n".join(lines)
-    text = README.read_text() if README.exists() else f"# Benchmarks\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
-    head, _, rest = text.partition(TABLE_BEGIN)
-    _, _, tail = rest.partition(TABLE_END)
-    README.write_text(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
+    for readme in (README, PROJECT_README):
+        text = readme.read_text()
+        if TABLE_BEGIN in text:
+            head, _, rest = text.partition(TABLE_BEGIN)
+            _, _, tail = rest.partition(TABLE_END)
+            readme.write_text(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")

@@ -205,3 +205,16 @@ def test_ppo_with_a_reward_model_of_its_own(tiny_model_dir, tmp_path):
 
 def trunk_of(trainer):
     return trainer.actor.model
+
+
+def test_ppo_prompt_longer_than_the_budget_names_its_line(tiny_model_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "the quick brown fox " * 8}])
+    reward_dir = tmp_path / "rm" / "reward"
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q:", "chosen": " a", "rejected": " b"}])
+    rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"), lora_r=0,
+                       max_steps=1, batch_size=1, micro_batch_size=1, max_length=16, eval_fraction=0.0))
+    config = ppo.PPOConfig(model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+                           output_dir=str(tmp_path / "ppo"), lora_r=4, batch_size=2, mini_batch_size=2,
+                           micro_batch_size=2, max_new_tokens=8, max_length=24)
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: prompt is \d+ tokens; with max_new_tokens=8"):
+        ppo.PPOTrainer(config)

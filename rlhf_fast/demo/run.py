@@ -95,7 +95,7 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
     start = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    base = build_tiny_model_dir(output / "base", task.corpus(), vocab_size=320, hidden_size=64,
+    base = build_tiny_model_dir(output / "base", task.corpus(), vocab_size=600, hidden_size=64,
                                 num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=seed)
     common = {"seed": seed, "device": "auto", "log_every": 10}
 
@@ -103,7 +103,7 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
     sft_data = make_sft_data(output / "sft.jsonl", 1200 if quick else 3000, rng)
     sft_dir = sft.run(sft.SFTConfig(model=str(base), data=str(sft_data), output_dir=str(output / "sft"),
                                     lora_r=0, learning_rate=2e-3, warmup_steps=10, batch_size=32,
-                                    micro_batch_size=32, max_length=48, epochs=2, **common))
+                                    micro_batch_size=32, max_length=48, epochs=3, **common))
 
     print("== step 2: K samples per prompt from the SFT model, ranked by the oracle; reward model")
     rankings = make_rankings(output / "rankings.jsonl", sft_dir, 8 if quick else 24, k=4, seed=seed)

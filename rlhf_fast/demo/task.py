@@ -63,5 +63,5 @@ def rank(prompt: str, responses: list[str]) -> list[str]:
 def corpus() -> list[str]:
     """Text the demo tokenizer is trained on: every prompt and word, so each is a token or two."""
     lines = [p for p, _ in prompts(TRAIN_TEMPLATES + HELD_OUT_TEMPLATES)]
-    lines += [" ".join(words) for words in TOPICS.values()] * 20
+    lines += [" " + " ".join(words) for words in TOPICS.values()] * 20
     return lines

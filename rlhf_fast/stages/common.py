@@ -25,7 +25,8 @@ class TrainConfig:
     lora_target_modules: str = option("all-linear", "'all-linear' or comma-separated module names")
     learning_rate: float = option(1e-4, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(0, "linear warm-up steps before the cosine decay")
+    warmup_steps: int = option(0, "linear warm-up steps before the schedule")
+    lr_schedule: str = option("cosine", "after warm-up: 'cosine' decay to 0, or 'constant'")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
     batch_size: int = option(16, "examples per optimiser step")
     micro_batch_size: int = option(8, "examples per forward/backward (gradient accumulation = batch / micro)")
@@ -38,6 +39,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_divides(self.batch_size, self.micro_batch_size, "batch_size / micro_batch_size")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.lora_r < 0:
             raise ConfigError(f"lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
 
@@ -59,14 +62,17 @@ def total_steps(config: TrainConfig, num_examples: int) -> int:
 
 
 def build_optimizer(params, config: TrainConfig, num_steps: int):
-    """AdamW with a linear warm-up and cosine decay (transformers' schedule)."""
-    from transformers import get_cosine_schedule_with_warmup
+    """AdamW with a linear warm-up, then cosine decay or a constant rate (transformers' schedules)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     params = list(params)
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, num_steps)
+    if config.lr_schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, num_steps)
     return optimizer, scheduler
 
 

@@ -125,8 +125,7 @@ class PPOTrainer:
         self.actor = (ActorCritic(model, value_head, value_trunk_grad=config.value_trunk_grad) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference,
                                                 config.value_trunk_grad))
-        self.prompts = [data.encode_prompt(self.tokenizer, p.prompt)
-                        for p in data.load_prompts(config.prompts)]
+        self.prompts = self._encode_prompts(data.load_prompts(config.prompts))
         self.ptx = self._ptx_examples()
         self.params = [p for p in self.actor.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, config, self._num_updates())
@@ -135,11 +134,25 @@ class PPOTrainer:
         self.rng = random.Random(config.seed)
         self.dtype = next(model.parameters()).dtype
 
+    def _encode_prompts(self, records) -> list[list[int]]:
+        """Prompt ids; a prompt that leaves no room for max_new_tokens is an error naming its line."""
+        budget = self.config.max_length - self.config.max_new_tokens
+        encoded = []
+        for record in records:
+            ids = data.encode_prompt(self.tokenizer, record.prompt)
+            if len(ids) > budget:
+                raise data.DataError(f"{record.source}: prompt is {len(ids)} tokens; with max_new_tokens="
+                                     f"{self.config.max_new_tokens} it exceeds max_length={self.config.max_length}")
+            encoded.append(ids)
+        return encoded
+
     def _value_head(self, hidden_size: int) -> ScalarHead:
         reward_head = Path(self.config.reward_model) / HEAD_FILE
         if self.config.value_init_from_reward and reward_head.exists():
             return ScalarHead.load(reward_head, device=self.device)
-        return ScalarHead(hidden_size).to(self.device)
+        head = ScalarHead(hidden_size).to(self.device)
+        torch.nn.init.zeros_(head.proj.weight)  # V = 0 until it has learnt: a baseline that misleads no one
+        return head
 
     def _ptx_examples(self):
         if not self.config.ptx_data:
