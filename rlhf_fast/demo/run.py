@@ -34,25 +34,23 @@ def decode_responses(tokenizer, rollout) -> list[str]:
 
 
 def make_sft_data(path: Path, n: int, rng: random.Random) -> Path:
-    pool = task.prompts(task.TRAIN_TEMPLATES)
     records = []
     for _ in range(n):
-        prompt, topic = rng.choice(pool)
+        prompt, topic = task.make_prompt(rng)
         records.append({"prompt": prompt, "response": task.demonstrate(topic, rng)})
     return write_jsonl(path, records)
 
 
-def make_rankings(path: Path, model_dir: Path, prompts_per_topic: int, k: int, seed: int) -> Path:
+def make_rankings(path: Path, model_dir: Path, num_prompts: int, k: int, rng: random.Random) -> Path:
     """K samples per prompt from the SFT model, ranked by the oracle (ties collapsed)."""
-    torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir)
-    pool = task.prompts(task.TRAIN_TEMPLATES) * prompts_per_topic
+    pool = [task.make_prompt(rng)[0] for _ in range(num_prompts)]
     records = []
     for first in range(0, len(pool), 16):
-        chunk = [p for p, _ in pool[first:first + 16]]
-        ids = [encode_prompt(tokenizer, p) for p in chunk]
-        rollout = sample(model, tokenizer, ids, max_new_tokens=12, num_samples=k)
+        chunk = pool[first:first + 16]
+        rollout = sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk],
+                         max_new_tokens=12, num_samples=k)
         responses = decode_responses(tokenizer, rollout)
         for i, prompt in enumerate(chunk):
             ranking = task.rank(prompt, [r if r.startswith(" ") else " " + r
@@ -63,12 +61,13 @@ def make_rankings(path: Path, model_dir: Path, prompts_per_topic: int, k: int, s
 
 
 @torch.no_grad()
-def evaluate(trainer, samples_per_prompt: int, use_adapter: bool) -> dict:
+def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bool, seed: int) -> dict:
     """Oracle score, reward-model score and KL to the reference on held-out prompts."""
     from contextlib import nullcontext
 
     tokenizer, actor = trainer.tokenizer, trainer.actor
-    pool = [p for p, _ in task.prompts(task.HELD_OUT_TEMPLATES)]
+    rng = random.Random(seed)
+    pool = [task.make_prompt(rng, held_out=True)[0] for _ in range(num_prompts)]
     ids = [encode_prompt(tokenizer, p) for p in pool]
     oracle, reward, kl, length = [], [], [], []
     policy_context = nullcontext() if use_adapter else actor.model.disable_adapter()
@@ -106,23 +105,27 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
                                     micro_batch_size=32, max_length=48, epochs=3, **common))
 
     print("== step 2: K samples per prompt from the SFT model, ranked by the oracle; reward model")
-    rankings = make_rankings(output / "rankings.jsonl", sft_dir, 8 if quick else 24, k=4, seed=seed)
+    rankings = make_rankings(output / "rankings.jsonl", sft_dir, 100 if quick else 400, k=4, rng=rng)
+    # full fine-tuning: on a 64-wide random-init trunk a LoRA reward model ranks held-out pairs
+    # clearly worse (67% vs 85% in our runs); on real models the default LoRA adapter is the lean choice
     reward_dir = rm.run(rm.RMConfig(model=str(sft_dir), data=str(rankings), output_dir=str(output / "rm"),
-                                    lora_r=16, lora_alpha=32, learning_rate=2e-3, batch_size=32,
-                                    micro_batch_size=32, max_length=48, epochs=3, eval_fraction=0.1, **common))
+                                    lora_r=0, learning_rate=1e-3, batch_size=32, micro_batch_size=32,
+                                    max_length=48, epochs=4, eval_fraction=0.1, **common))
 
     print("== step 3: PPO against the reward model, KL-penalised to the SFT model")
     prompt_file = write_jsonl(output / "prompts.jsonl",
-                              [{"prompt": p} for p, _ in task.prompts(task.TRAIN_TEMPLATES)])
+                              [{"prompt": task.make_prompt(rng)[0]} for _ in range(200)])
     trainer = ppo.PPOTrainer(ppo.PPOConfig(
         model=str(sft_dir), reward_model=str(reward_dir), prompts=str(prompt_file),
-        output_dir=str(output / "ppo"), lora_r=16, lora_alpha=32, learning_rate=1e-3,
-        iterations=15 if quick else 40, batch_size=32, mini_batch_size=16, micro_batch_size=16,
-        ppo_epochs=2, max_new_tokens=12, kl_coef=0.05, max_length=48, **common))
+        output_dir=str(output / "ppo"), lora_r=16, lora_alpha=32, learning_rate=1e-3, lr_schedule="constant",
+        iterations=40 if quick else 120, batch_size=32, mini_batch_size=16, micro_batch_size=16,
+        ppo_epochs=4, max_new_tokens=12, kl_coef=0.2, lam=1.0, max_length=48, **common))
     trainer.train()
+    plot = output / "ppo" / "curves.png"
+    print(f"PPO curves: {plot}" if plot.exists() else "no plots: install matplotlib (pip install -e .[plot])")
 
     torch.manual_seed(seed + 1)
-    table = {"sft": evaluate(trainer, 32, use_adapter=False), "ppo": evaluate(trainer, 32, use_adapter=True)}
+    table = {name: evaluate(trainer, 64, 4, use_adapter=name == "ppo", seed=seed + 1) for name in ("sft", "ppo")}
     table["wall_s"] = time.perf_counter() - start
     (output / "demo_results.json").write_text(json.dumps(table, indent=2) + "\n")
     print_table(table)
@@ -130,7 +133,7 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
 
 
 def print_table(table: dict) -> None:
-    print("\nheld-out prompts (32 samples each)")
+    print("\n64 held-out prompts, 4 samples each")
     print(f"{'policy':<8}{'oracle':>10}{'RM score':>10}{'KL to ref':>11}{'words':>8}")
     for name in ("sft", "ppo"):
         row = table[name]

@@ -15,15 +15,18 @@ TOPICS = {
     "color": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"],
     "tool": ["hammer", "saw", "drill", "wrench", "chisel", "file", "spade", "rake"],
 }
-TRAIN_TEMPLATES = ["list {topic} words:", "name some {topic}:", "{topic} please:"]
-HELD_OUT_TEMPLATES = ["give me {topic}:"]
+TEMPLATES = ["list {topic} words:", "name some {topic}:", "{topic} please:", "give me {topic}:"]
+TRAIN_IDS, HELD_OUT_IDS = range(0, 80), range(80, 100)
 MAX_GOOD_LENGTH = 6
 ALL_WORDS = [w for words in TOPICS.values() for w in words]
 
 
-def prompts(templates) -> list[tuple[str, str]]:
-    """(prompt text, topic) for every template and topic."""
-    return [(t.format(topic=topic), topic) for t in templates for topic in TOPICS]
+def make_prompt(rng: random.Random, held_out: bool = False) -> tuple[str, str]:
+    """(prompt text, topic): a request number, a template and a topic. Held-out prompts carry
+    numbers that no stage trains on, so every held-out prompt text is new to every model."""
+    number = rng.choice(HELD_OUT_IDS if held_out else TRAIN_IDS)
+    topic = rng.choice(list(TOPICS))
+    return f"#{number} " + rng.choice(TEMPLATES).format(topic=topic), topic
 
 
 def topic_of(prompt: str) -> str:
@@ -62,6 +65,6 @@ def rank(prompt: str, responses: list[str]) -> list[str]:
 
 def corpus() -> list[str]:
     """Text the demo tokenizer is trained on: every prompt and word, so each is a token or two."""
-    lines = [p for p, _ in prompts(TRAIN_TEMPLATES + HELD_OUT_TEMPLATES)]
+    lines = [f"#{n} " + t.format(topic=topic) for n in range(100) for t in TEMPLATES for topic in TOPICS]
     lines += [" " + " ".join(words) for words in TOPICS.values()] * 20
     return lines

@@ -56,7 +56,7 @@ class PPOConfig(TrainConfig):
     normalize_scores: bool = option(False, "standardise scores by running mean/std")
     score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)")
     missing_eos_penalty: float = option(0.0, "subtracted from the score of responses without EOS")
-    value_init_from_reward: bool = option(True, "initialise the value head from the reward head")
+    value_init_from_reward: bool = option(False, "initialise the value head from the reward head (else V = 0)")
     value_trunk_grad: bool = option(False, "let the value loss train the shared trunk too (off: head only)")
     offload_reference: bool = option(False, "full fine-tuning: keep the frozen reference on the CPU")
     ptx_data: str = option("", "SFT JSONL for the PPO-ptx pretraining-mix term (empty = off)")
