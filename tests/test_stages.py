@@ -218,3 +218,31 @@ def test_ppo_prompt_longer_than_the_budget_names_its_line(tiny_model_dir, tmp_pa
                            micro_batch_size=2, max_new_tokens=8, max_length=24)
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: prompt is \d+ tokens; with max_new_tokens=8"):
         ppo.PPOTrainer(config)
+
+
+def adapter_weights(model, adapter):
+    return {n.replace(f".{adapter}.", "."): p.detach().clone() for n, p in model.named_parameters()
+            if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n}
+
+
+def test_value_adapter_starts_as_the_reward_adapter_and_trains_beside_the_policy(tiny_model_dir, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " good", "rejected": " bad"}
+                                                    for i in range(8)])
+    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
+                                    lora_r=4, max_steps=2, batch_size=4, micro_batch_size=4, max_length=16,
+                                    learning_rate=1e-2))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
+    trainer = ppo.PPOTrainer(ppo.PPOConfig(
+        model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+        output_dir=str(tmp_path / "ppo"), lora_r=4, value_mode="adapter", value_init_from_reward=True,
+        iterations=1, batch_size=2, mini_batch_size=2, micro_batch_size=2, max_new_tokens=3, max_length=16,
+        learning_rate=1e-2))
+    model = trainer.actor.model
+    reward, value, policy = (adapter_weights(model, a) for a in ("reward", "value", "policy"))
+    assert reward.keys() == value.keys() and all(torch.equal(reward[k], value[k]) for k in reward)
+    assert model.active_adapter == "policy"
+    trainer.step()
+    assert all(torch.equal(reward[k], w) for k, w in adapter_weights(model, "reward").items())
+    assert any(not torch.equal(value[k], w) for k, w in adapter_weights(model, "value").items())
+    assert any(not torch.equal(policy[k], w) for k, w in adapter_weights(model, "policy").items())
+    assert model.active_adapter == "policy"

@@ -18,6 +18,7 @@ import torch
 
 from rlhf_fast.data import encode_prompt
 from rlhf_fast.demo import task
+from rlhf_fast.models.adapters import adapters_disabled
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import sample
 from rlhf_fast.stages import ppo, rm, sft
@@ -70,7 +71,7 @@ def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bo
     pool = [task.make_prompt(rng, held_out=True)[0] for _ in range(num_prompts)]
     ids = [encode_prompt(tokenizer, p) for p in pool]
     oracle, reward, kl, length = [], [], [], []
-    policy_context = nullcontext() if use_adapter else actor.model.disable_adapter()
+    policy_context = nullcontext() if use_adapter else adapters_disabled(actor.model)
     with policy_context:
         rollout = sample(actor.model, tokenizer, ids, max_new_tokens=trainer.config.max_new_tokens,
                          temperature=trainer.config.temperature, num_samples=samples_per_prompt)

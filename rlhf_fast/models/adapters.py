@@ -1,6 +1,11 @@
 """LoRA adapters (peft) on one base model: add, load, merge, switch, and freeze the rest."""
+import contextlib
+import re
+
 import torch
 from torch import nn
+
+_ADAPTER_OF_PARAM = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)")
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: str):
@@ -28,16 +33,63 @@ def add_lora(model: nn.Module, name: str, *, r: int, alpha: int, dropout: float 
     return model
 
 
-def load_lora(model: nn.Module, path, name: str) -> nn.Module:
-    """Load a saved adapter under `name` (frozen) onto `model`, keeping the active adapter."""
+def load_lora(model: nn.Module, path, name: str, *, trainable: bool = False) -> nn.Module:
+    """Load a saved adapter under `name` onto `model`, keeping the active adapter and every
+    other adapter's trainable flags."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        active = model.active_adapter
-        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        model.set_adapter(active)
-        return model
-    return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
+    if not isinstance(model, PeftModel):
+        return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+    active, flags = model.active_adapter, {n: p.requires_grad for n, p in model.named_parameters()}
+    model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+    model.set_adapter(active)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, trainable))  # the new adapter's parameters get `trainable`
+    return model
+
+
+def set_trainable(model: nn.Module, adapters: set[str]) -> None:
+    """Train exactly the LoRA adapters named in `adapters` (peft's set_adapter trains only the
+    active one, but PPO may train a policy and a value adapter side by side)."""
+    for name, p in model.named_parameters():
+        match = _ADAPTER_OF_PARAM.search(name)
+        if match:
+            p.requires_grad_(match.group(1) in adapters)
+
+
+@contextlib.contextmanager
+def _trainable_flags_kept(model: nn.Module):
+    """Restore every parameter's requires_grad on exit: peft's adapter switches reset them to
+    "only the active adapter trains", which would freeze a second trained adapter."""
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model alone (peft's disable_adapter), with trainable flags kept."""
+    with _trainable_flags_kept(model), model.disable_adapter():
+        yield model
+
+
+@contextlib.contextmanager
+def active_adapter(model: nn.Module, name: str | None):
+    """Run with adapter `name` active on a PeftModel, restoring the previous one (and every
+    parameter's trainable flag) afterwards; a no-op for name None."""
+    if name is None:
+        yield model
+        return
+    previous = model.active_adapter
+    with _trainable_flags_kept(model):
+        model.set_adapter(name)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)
 
 
 def merge_into_base(model: nn.Module) -> nn.Module:

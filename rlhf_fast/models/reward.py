@@ -4,43 +4,26 @@ The trunk is either a LoRA adapter on the shared base (one copy of the weights s
 policy, the reference and every reward model) or a model directory of its own.
 Saved layout (<dir>/): reward_config.json, head.safetensors, and adapter/ (peft) or model/.
 """
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from rlhf_fast.models.adapters import active_adapter
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.trunk import last_hidden, last_token_index, unwrap_peft
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "head.safetensors"
 
 
-@contextlib.contextmanager
-def active_adapter(model: nn.Module, name: str | None):
-    """Run with adapter `name` active on a PeftModel, restoring the previous one (and its
-    trainable flags) afterwards; a no-op for name None."""
-    if name is None:
-        yield model
-        return
-    previous = model.active_adapter
-    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.set_adapter(name)
-    try:
-        yield model
-    finally:
-        model.set_adapter(previous)
-        for n, p in model.named_parameters():
-            p.requires_grad_(trainable[n])
-
-
 class RewardModel(nn.Module):
     """score(input_ids, attention_mask) -> [B] fp32, read at each row's last attended token."""
 
-    def __init__(self, trunk: nn.Module, head: ScalarHead, adapter: str | None = None):
+    def __init__(self, trunk: nn.Module, head: ScalarHead, adapter: str | None = None, adapter_dir=None):
         super().__init__()
         self.trunk, self.head, self.adapter = trunk, head, adapter
+        self.adapter_dir = adapter_dir  # where a loaded adapter came from (PPO's value init reads it)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with active_adapter(self.trunk, self.adapter):
@@ -79,6 +62,6 @@ def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name:
         if saved.get("adapter_name") and (adapter_dir / saved["adapter_name"]).is_dir():
             adapter_dir = adapter_dir / saved["adapter_name"]
         trunk = load_lora(shared_trunk, adapter_dir, name)
-        return RewardModel(trunk, head, adapter=name)
+        return RewardModel(trunk, head, adapter=name, adapter_dir=adapter_dir)
     trunk = load_causal_lm(directory / "model", device=device, dtype=dtype, attn=attn).requires_grad_(False)
     return RewardModel(trunk, head, adapter=None)

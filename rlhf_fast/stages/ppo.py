@@ -22,7 +22,8 @@ from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.metrics import MetricsLogger
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.reward import HEAD_FILE, load_reward_model
-from rlhf_fast.models.roles import ActorCritic
+from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
+from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
 from rlhf_fast.rollout import Rollout, sample
 from rlhf_fast.stages import runstate
 from rlhf_fast.stages.common import (TrainConfig, autocast, build_optimizer, clip_and_step,
@@ -56,8 +57,10 @@ class PPOConfig(TrainConfig):
     normalize_scores: bool = option(False, "standardise scores by running mean/std")
     score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)")
     missing_eos_penalty: float = option(0.0, "subtracted from the score of responses without EOS")
-    value_init_from_reward: bool = option(False, "initialise the value head from the reward head (else V = 0)")
-    value_trunk_grad: bool = option(False, "let the value loss train the shared trunk too (off: head only)")
+    value_mode: str = option("head", "value function: 'head' on the policy trunk (detached), 'shared' "
+                                     "(its gradient trains the trunk too), 'adapter' (own LoRA adapter + head)")
+    value_init_from_reward: bool = option(False, "start the value head (and, in adapter mode, the value "
+                                                 "adapter) from the reward model's; else V = 0")
     offload_reference: bool = option(False, "full fine-tuning: keep the frozen reference on the CPU")
     ptx_data: str = option("", "SFT JSONL for the PPO-ptx pretraining-mix term (empty = off)")
     ptx_coef: float = option(0.0, "weight of the PPO-ptx NLL term (InstructGPT's gamma)")
@@ -68,6 +71,10 @@ class PPOConfig(TrainConfig):
         check_divides(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.value_mode not in VALUE_MODES:
+            raise ConfigError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
+        if self.value_mode == "adapter" and self.lora_r == 0:
+            raise ConfigError("value_mode 'adapter' needs a LoRA policy (lora_r > 0)")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
 
@@ -121,10 +128,11 @@ class PPOTrainer:
                                               device=self.device, dtype=config.dtype)
         if self.reward_model.adapter is not None:
             model = self.reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
+        if config.value_mode == "adapter":
+            model = self._add_value_adapter(model)
         value_head = self._value_head(model.config.hidden_size)
-        self.actor = (ActorCritic(model, value_head, value_trunk_grad=config.value_trunk_grad) if config.lora_r else
-                      ActorCritic.full_finetune(model, value_head, config.offload_reference,
-                                                config.value_trunk_grad))
+        self.actor = (ActorCritic(model, value_head, value_mode=config.value_mode) if config.lora_r else
+                      ActorCritic.full_finetune(model, value_head, config.offload_reference, config.value_mode))
         self.prompts = self._encode_prompts(data.load_prompts(config.prompts))
         self.ptx = self._ptx_examples()
         self.params = [p for p in self.actor.parameters() if p.requires_grad]
@@ -145,6 +153,20 @@ class PPOTrainer:
                                      f"{self.config.max_new_tokens} it exceeds max_length={self.config.max_length}")
             encoded.append(ids)
         return encoded
+
+    def _add_value_adapter(self, model):
+        """A trainable "value" adapter beside "policy": a copy of the reward adapter when asked
+        (InstructGPT starts the value function from the reward model), else a fresh one."""
+        c = self.config
+        reward_adapter = self.reward_model.adapter_dir
+        if c.value_init_from_reward and reward_adapter is not None:
+            model = load_lora(model, reward_adapter, VALUE_ADAPTER, trainable=True)
+        else:
+            model = add_lora(model, VALUE_ADAPTER, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                             target_modules=c.lora_target_modules)
+            model.set_adapter("policy")
+        set_trainable(model, {"policy", VALUE_ADAPTER})
+        return model
 
     def _value_head(self, hidden_size: int) -> ScalarHead:
         reward_head = Path(self.config.reward_model) / HEAD_FILE
@@ -196,7 +218,7 @@ class PPOTrainer:
                 ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
             logprobs, _ = self.actor.logprobs(hidden, ids, resp, temperature=temperature)
             old_logprobs.append(logprobs)
-            old_values.append(self.actor.values(hidden) * resp)
+            old_values.append(self.actor.values(hidden, ids, mask) * resp)
         return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
                           torch.cat(old_values))
 
@@ -241,7 +263,8 @@ class PPOTrainer:
                 hidden[:, :-1], weight, targets, exp.old_logprobs[rows], exp.advantages[rows], mask,
                 bias=bias, clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
                 temperature=c.temperature)
-            v_loss, value_stats = kernels.value_loss(self.actor.values(hidden), exp.old_values[rows],
+            values = self.actor.values(hidden, r.input_ids[rows], r.attention_mask[rows])
+            v_loss, value_stats = kernels.value_loss(values, exp.old_values[rows],
                                                      exp.returns[rows], mask, clip=c.value_clip)
             loss = (policy_loss + c.vf_coef * v_loss) * share
             loss.backward()
@@ -320,6 +343,9 @@ class PPOTrainer:
         policy_dir = output / "policy"
         if self.config.lora_r:
             self.actor.model.save_pretrained(str(policy_dir / "adapter"), selected_adapters=["policy"])
+            if self.config.value_mode == "adapter":
+                self.actor.model.save_pretrained(str(policy_dir / "value_adapter"),
+                                                 selected_adapters=[VALUE_ADAPTER])
         else:
             self.actor.model.save_pretrained(policy_dir / "model")
         self.tokenizer.save_pretrained(policy_dir)
