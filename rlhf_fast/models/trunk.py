@@ -69,6 +69,14 @@ def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return out.last_hidden_state
 
 
+def packed_hidden(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, T, D] of rows that pack several sequences, each restarting its position
+    ids at 0: with no attention mask, transformers reads the restarts and keeps attention inside
+    each sequence (a block-diagonal causal mask)."""
+    out = decoder_of(model)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last attended token, for left or right padding."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
