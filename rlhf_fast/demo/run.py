@@ -70,7 +70,6 @@ def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bo
     rng = random.Random(seed)
     pool = [task.make_prompt(rng, held_out=True)[0] for _ in range(num_prompts)]
     ids = [encode_prompt(tokenizer, p) for p in pool]
-    oracle, reward, kl, length = [], [], [], []
     policy_context = nullcontext() if use_adapter else adapters_disabled(actor.model)
     with policy_context:
         rollout = sample(actor.model, tokenizer, ids, max_new_tokens=trainer.config.max_new_tokens,

@@ -1,6 +1,7 @@
 """What every training stage shares: the base config, seeding, the optimiser and its schedule."""
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,3 +137,29 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> l
         order = epoch_order(num_examples, seed, epoch)
         indices.extend(order[offset:offset + batch_size - len(indices)])
     return indices
+
+
+def run_steps(config: TrainConfig, name: str, step_fn, *, num_steps: int, modules: dict, params,
+              optimizer, scheduler, device):
+    """The optimiser-step loop SFT and the reward model share: resume, step_fn(step) -> metrics
+    (it accumulates the gradients), clip and step, log, checkpoint. Returns the MetricsLogger."""
+    from tqdm import tqdm
+
+    from rlhf_fast.memory import peak_memory_gb
+    from rlhf_fast.metrics import MetricsLogger
+    from rlhf_fast.stages import runstate
+
+    output = Path(config.output_dir)
+    start = 0
+    if config.resume:
+        start, _ = runstate.resume(output / "checkpoints", modules, optimizer, scheduler)
+    logger = MetricsLogger(output)
+    for step in tqdm(range(start, num_steps), desc=name, initial=start, total=num_steps):
+        metrics = step_fn(step)
+        metrics[f"{name}/grad_norm"] = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
+        if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
+            logger.log(step + 1, {**metrics, f"{name}/lr": scheduler.get_last_lr()[0],
+                                  "mem/peak_gb": peak_memory_gb(device)})
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
+            runstate.save(output / "checkpoints", step + 1, modules, optimizer, scheduler)
+    return logger

@@ -13,17 +13,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from rlhf_fast import data
 from rlhf_fast.config import ConfigError, option
-from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
-from rlhf_fast.metrics import MetricsLogger
+from rlhf_fast.memory import format_ledger, memory_ledger
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.reward import RewardModel
-from rlhf_fast.stages import runstate
 from rlhf_fast.stages.common import (TrainConfig, autocast, batch_indices, build_optimizer,
-                                     clip_and_step, load_trainable_lm, seed_everything, total_steps)
+                                     load_trainable_lm, run_steps, seed_everything, total_steps)
 
 
 @dataclass
@@ -102,13 +99,10 @@ def run(config: RMConfig) -> Path:
     print(format_ledger(memory_ledger(trunk, [head], micro_batch=2 * config.micro_batch_size,
                                       seq_len=config.max_length)))
 
-    start_step = 0
-    if config.resume:
-        start_step, _ = runstate.resume(output / "checkpoints", {"reward": reward_model}, optimizer, scheduler)
-    logger = MetricsLogger(output)
     dtype = next(trunk.parameters()).dtype
     reward_model.train()
-    for step in tqdm(range(start_step, num_steps), desc="rm", initial=start_step, total=num_steps):
+
+    def train_step(step: int) -> dict:
         batch = [train[i] for i in batch_indices(len(train), config.batch_size, config.seed, step)]
         total_weight = sum(b[3] for b in batch)
         loss_sum, correct = 0.0, 0
@@ -122,13 +116,10 @@ def run(config: RMConfig) -> Path:
             (loss / total_weight).backward()
             loss_sum += loss.item()
             correct += (chosen > rejected).sum().item()
-        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
-        if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
-            logger.log(step + 1, {"rm/loss": loss_sum / total_weight, "rm/accuracy": correct / len(batch),
-                                  "rm/grad_norm": grad_norm, "mem/peak_gb": peak_memory_gb(device)})
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
-            runstate.save(output / "checkpoints", step + 1, {"reward": reward_model}, optimizer, scheduler)
+        return {"rm/loss": loss_sum / total_weight, "rm/accuracy": correct / len(batch)}
 
+    logger = run_steps(config, "rm", train_step, num_steps=num_steps, modules={"reward": reward_model},
+                       params=params, optimizer=optimizer, scheduler=scheduler, device=device)
     reward_model.eval()
     metrics = evaluate(reward_model, held_out, tokenizer.pad_token_id, device, config.micro_batch_size)
     logger.log(num_steps, metrics)

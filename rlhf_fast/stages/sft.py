@@ -10,19 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from rlhf_fast import data
 from rlhf_fast.config import option
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
-from rlhf_fast.metrics import MetricsLogger
 from rlhf_fast.kernels import token_logprobs
 from rlhf_fast.models.logprobs import sequence_logprobs
 from rlhf_fast.models.trunk import fusable_head, packed_hidden
-from rlhf_fast.stages import runstate
 from rlhf_fast.stages.common import (TrainConfig, autocast, batch_indices, build_optimizer,
-                                     clip_and_step, load_trainable_lm, save_model_dir,
-                                     seed_everything, total_steps)
+                                     load_trainable_lm, run_steps, save_model_dir, seed_everything,
+                                     total_steps)
 
 
 @dataclass
@@ -111,13 +108,10 @@ def run(config: SFTConfig) -> Path:
     optimizer, scheduler = build_optimizer(params, config, num_steps)
     print(format_ledger(memory_ledger(model, micro_batch=config.micro_batch_size, seq_len=config.max_length)))
 
-    start_step = 0
-    if config.resume:
-        start_step, _ = runstate.resume(output / "checkpoints", {"policy": model}, optimizer, scheduler)
-    logger = MetricsLogger(output)
     dtype = next(model.parameters()).dtype
     model.train()
-    for step in tqdm(range(start_step, num_steps), desc="sft", initial=start_step, total=num_steps):
+
+    def train_step(step: int) -> dict:
         batch = [encoded[i] for i in batch_indices(len(encoded), config.batch_size, config.seed, step)]
         # normalise by the response tokens of the whole batch, so accumulation equals one big batch
         examples_in_batch = [e for row in batch for e in row] if config.packing else batch
@@ -132,14 +126,10 @@ def run(config: SFTConfig) -> Path:
                     nll = response_nll(model, *collate(micro, tokenizer.pad_token_id, device))
             (nll / batch_tokens).backward()
             total_nll += nll.item()
-        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
-        if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
-            logger.log(step + 1, {"sft/loss": total_nll / batch_tokens, "sft/grad_norm": grad_norm,
-                                  "sft/lr": scheduler.get_last_lr()[0],
-                                  "mem/peak_gb": peak_memory_gb(device)})
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
-            runstate.save(output / "checkpoints", step + 1, {"policy": model}, optimizer, scheduler)
+        return {"sft/loss": total_nll / batch_tokens}
 
+    logger = run_steps(config, "sft", train_step, num_steps=num_steps, modules={"policy": model},
+                       params=params, optimizer=optimizer, scheduler=scheduler, device=device)
     logger.close()
     model_dir = output / "model"
     save_model_dir(model, tokenizer, model_dir)
