@@ -271,3 +271,30 @@ def test_sft_with_packing_learns(tiny_model_dir, tmp_path):
                           max_length=48))
     losses = final_loss(out, "sft/loss")
     assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_two_reward_models_on_one_trunk_score_as_each_does_alone(tiny_model_dir, tmp_path):
+    from rlhf_fast.models.reward import load_reward_model
+    from rlhf_fast.rewards import combine_llama2
+
+    dirs = {}
+    for name, good in (("helpful", " apple"), ("safety", " cherry")):
+        prefs = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": f"q{i}:", "chosen": good, "rejected": " dog"}
+                                                          for i in range(8)])
+        dirs[name] = str(rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), lora_r=4, max_steps=2,
+                                            output_dir=str(tmp_path / name), batch_size=4, micro_batch_size=4,
+                                            max_length=16, learning_rate=1e-2, adapter_name=name)))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:", "tags": ["safety"]}, {"prompt": "q2:"}])
+    trainer = ppo.PPOTrainer(ppo.PPOConfig(
+        model=str(tiny_model_dir), reward_models=dirs, reward_combination="llama2", prompts=str(prompts),
+        output_dir=str(tmp_path / "ppo"), lora_r=4, iterations=1, batch_size=4, mini_batch_size=2,
+        micro_batch_size=2, max_new_tokens=3, max_length=16))
+    rollout, safety_prompt = trainer.rollout()
+    _, raw = trainer.score(rollout, safety_prompt)
+    for name, directory in dirs.items():
+        alone = load_reward_model(directory, shared_trunk=load_causal_lm(tiny_model_dir), name=name)
+        with torch.no_grad():
+            assert torch.allclose(raw[name], alone(rollout.input_ids, rollout.attention_mask), atol=1e-5)
+    assert torch.allclose(raw["combined"], combine_llama2(raw["helpful"], raw["safety"], safety_prompt))
+    stats = trainer.step()
+    assert {"reward/helpful_mean", "reward/safety_mean"} <= stats.keys()

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rlhf_fast import data, kernels
+from rlhf_fast import data, kernels, rewards
 from rlhf_fast.config import ConfigError, check_divides, option
+from rlhf_fast.rewards import COMBINATIONS
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.metrics import MetricsLogger
 from rlhf_fast.models.heads import ScalarHead
@@ -36,6 +37,13 @@ class PPOConfig(TrainConfig):
 
     prompts: str = option("", "prompt JSONL file")
     reward_model: str = option("", "reward model directory written by `rlhf-fast rm`")
+    reward_models: dict = option({}, "several named reward models, {name: directory} (e.g. helpful, "
+                                     "safety); replaces reward_model")
+    reward_combination: str = option("linear", "how several scores become one: 'linear' (weighted sum of "
+                                               "whitened scores) or 'llama2' (safety/helpfulness rule)")
+    reward_weights: dict = option({}, "linear combination weights by reward model name (default 1 each)")
+    safety_threshold: float = option(0.15, "llama2: use the safety score when sigmoid(safety) is below this")
+    safety_tag: str = option("safety", "llama2: prompts with this tag always use the safety score")
     iterations: int = option(20, "rollout + update iterations")
     mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch")
     ppo_epochs: int = option(2, "passes over each rollout batch")
@@ -75,6 +83,10 @@ class PPOConfig(TrainConfig):
             raise ConfigError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
         if self.value_mode == "adapter" and self.lora_r == 0:
             raise ConfigError("value_mode 'adapter' needs a LoRA policy (lora_r > 0)")
+        if self.reward_combination not in COMBINATIONS:
+            raise ConfigError(f"reward_combination must be one of {COMBINATIONS}, got {self.reward_combination!r}")
+        if self.reward_combination == "llama2" and not {"helpful", "safety"} <= set(self.reward_models):
+            raise ConfigError("reward_combination 'llama2' needs reward_models named 'helpful' and 'safety'")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
 
@@ -124,16 +136,22 @@ class PPOTrainer:
         self.config = config
         seed_everything(config.seed)
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
-        self.reward_model = load_reward_model(config.reward_model, shared_trunk=model if config.lora_r else None,
-                                              device=self.device, dtype=config.dtype)
-        if self.reward_model.adapter is not None:
-            model = self.reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
+        self.reward_models = {}
+        for name, directory in (config.reward_models or {"reward": config.reward_model}).items():
+            reward_model = load_reward_model(directory, shared_trunk=model if config.lora_r else None,
+                                             name=name, device=self.device, dtype=config.dtype)
+            if reward_model.adapter is not None:
+                model = reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
+            self.reward_models[name] = reward_model
+        self.reward_model = next(iter(self.reward_models.values()))  # the one a value function may copy
         if config.value_mode == "adapter":
             model = self._add_value_adapter(model)
         value_head = self._value_head(model.config.hidden_size)
         self.actor = (ActorCritic(model, value_head, value_mode=config.value_mode) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference, config.value_mode))
-        self.prompts = self._encode_prompts(data.load_prompts(config.prompts))
+        records = data.load_prompts(config.prompts)
+        self.prompts = self._encode_prompts(records)
+        self.safety_prompts = [config.safety_tag in r.tags for r in records]
         self.ptx = self._ptx_examples()
         self.params = [p for p in self.actor.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, config, self._num_updates())
@@ -169,7 +187,7 @@ class PPOTrainer:
         return model
 
     def _value_head(self, hidden_size: int) -> ScalarHead:
-        reward_head = Path(self.config.reward_model) / HEAD_FILE
+        reward_head = Path(next(iter(self.config.reward_models.values()), self.config.reward_model)) / HEAD_FILE
         if self.config.value_init_from_reward and reward_head.exists():
             return ScalarHead.load(reward_head, device=self.device)
         head = ScalarHead(hidden_size).to(self.device)
@@ -188,17 +206,28 @@ class PPOTrainer:
         return c.iterations * c.ppo_epochs * (c.batch_size // c.mini_batch_size)
 
     # 1. rollout
-    def rollout(self) -> Rollout:
-        batch = [self.prompts[self.rng.randrange(len(self.prompts))] for _ in range(self.config.batch_size)]
-        return sample(self.actor.model, self.tokenizer, batch, max_new_tokens=self.config.max_new_tokens,
-                      temperature=self.config.temperature, top_p=self.config.top_p)
+    def rollout(self) -> tuple[Rollout, torch.Tensor]:
+        """Sampled responses to a random batch of prompts, and which of those prompts are safety-tagged."""
+        picks = [self.rng.randrange(len(self.prompts)) for _ in range(self.config.batch_size)]
+        rollout = sample(self.actor.model, self.tokenizer, [self.prompts[i] for i in picks],
+                         max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                         top_p=self.config.top_p)
+        return rollout, torch.tensor([self.safety_prompts[i] for i in picks], device=self.device)
 
     # 2. score
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores used for training, raw reward-model scores)."""
-        raw = self.reward_model(rollout.input_ids, rollout.attention_mask).float()
-        scores = raw - self.config.missing_eos_penalty * (~rollout.ended_with_eos).float()
+    def score(self, rollout: Rollout, safety_prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(scores used for training, {reward model name: raw scores} plus "combined")."""
+        raw = {name: model(rollout.input_ids, rollout.attention_mask).float()
+               for name, model in self.reward_models.items()}
+        if len(raw) == 1:
+            combined = next(iter(raw.values()))
+        else:
+            combined = rewards.combine(raw, self.config.reward_combination, safety_prompt=safety_prompt,
+                                       weights=self.config.reward_weights or None,
+                                       threshold=self.config.safety_threshold)
+        raw["combined"] = combined
+        scores = combined - self.config.missing_eos_penalty * (~rollout.ended_with_eos).float()
         if self.config.normalize_scores:
             self.score_moments.update(scores)
             scores = (scores - self.score_moments.mean) / (self.score_moments.var ** 0.5 + 1e-8)
@@ -294,8 +323,8 @@ class PPOTrainer:
             yield slice(first, first + self.config.micro_batch_size)
 
     def step(self) -> dict:
-        rollout = self.rollout()
-        scores, raw = self.score(rollout)
+        rollout, safety_prompt = self.rollout()
+        scores, raw = self.score(rollout, safety_prompt)
         exp = self.make_experience(rollout, scores)
         self.compute_advantages(exp)
         self.actor.train()
@@ -304,7 +333,10 @@ class PPOTrainer:
         kl_per_seq = ((exp.old_logprobs - exp.ref_logprobs) * mask).sum(-1)
         beta = self.kl_ctl.beta
         self.kl_ctl.update(kl_per_seq.mean().item(), self.config.batch_size)
-        return {"reward/score_mean": raw.mean().item(), "reward/score_std": raw.std().item(),
+        per_model = {f"reward/{name}_mean": value.mean().item() for name, value in raw.items()
+                     if len(raw) > 2 and name != "combined"}
+        return {"reward/score_mean": raw["combined"].mean().item(), "reward/score_std": raw["combined"].std().item(),
+                **per_model,
                 "ppo/kl": kl_per_seq.mean().item(), "ppo/kl_coef": beta,
                 "ppo/response_length": rollout.response_lengths.float().mean().item(), **stats}
 
