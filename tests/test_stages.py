@@ -298,3 +298,33 @@ def test_two_reward_models_on_one_trunk_score_as_each_does_alone(tiny_model_dir,
     assert torch.allclose(raw["combined"], combine_llama2(raw["helpful"], raw["safety"], safety_prompt))
     stats = trainer.step()
     assert {"reward/helpful_mean", "reward/safety_mean"} <= stats.keys()
+
+
+def test_rejection_sampling_keeps_the_best_of_k_and_carries_earlier_rounds(tiny_model_dir, tmp_path):
+    from rlhf_fast.stages import rs
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
+                                                    for i in range(8)])
+    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
+                                    lora_r=4, max_steps=2, batch_size=4, micro_batch_size=4, max_length=16))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(3)])
+    earlier = write_jsonl(tmp_path / "earlier.jsonl", [{"prompt": "old:", "response": " kept from round 1"}])
+    out = tmp_path / "rs"
+    model_dir = rs.run(rs.RSConfig(model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+                                   output_dir=str(out), samples_per_prompt=4, max_new_tokens=4, max_length=24,
+                                   previous_best=str(earlier), lora_r=0, max_steps=1, batch_size=2,
+                                   micro_batch_size=2))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    best = [json.loads(line) for line in (out / "best.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(len(s["responses"]) == 4 for s in samples)
+    best_by_prompt = {b["prompt"]: b for b in best}
+    for s in samples:
+        kept = [(r, t) for r, t in zip(s["rewards"], s["responses"]) if t.strip()]  # empty ones are never kept
+        if kept:
+            assert (best_by_prompt[s["prompt"]]["reward"], best_by_prompt[s["prompt"]]["response"]) == \
+                max(kept, key=lambda pair: pair[0])
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert train[0] == {"prompt": "old:", "response": " kept from round 1"} and train[1:] == best
+    round_stats = json.loads((out / "round" / "metrics.jsonl").read_text().splitlines()[0])
+    assert round_stats["rs/best_of_k_reward"] >= round_stats["rs/mean_of_k_reward"]
+    assert (model_dir / "config.json").exists()

@@ -31,7 +31,9 @@ class RewardModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.head(hidden[rows, last_token_index(attention_mask)])
 
-    def save(self, directory) -> None:
+    def save(self, directory, base=None) -> None:
+        """`base`: the model directory an adapter was trained on, recorded so that the reward model
+        can later be loaded on its own (rejection sampling scores a policy that has moved on)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.adapter is not None:
@@ -40,7 +42,8 @@ class RewardModel(nn.Module):
             unwrap_peft(self.trunk).save_pretrained(directory / "model")
         self.head.save(directory / HEAD_FILE)
         kind = "adapter" if self.adapter is not None else "model"
-        (directory / CONFIG_FILE).write_text(json.dumps({"kind": kind, "adapter_name": self.adapter}))
+        (directory / CONFIG_FILE).write_text(json.dumps({"kind": kind, "adapter_name": self.adapter,
+                                                          "base": None if base is None else str(base)}))
 
 
 def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name: str = "reward",
@@ -57,7 +60,9 @@ def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name:
     head = ScalarHead.load(directory / HEAD_FILE, device=device)
     if saved["kind"] == "adapter":
         if shared_trunk is None:
-            raise ValueError(f"{directory}: an adapter reward model needs the base model it was trained on")
+            if not saved.get("base"):
+                raise ValueError(f"{directory}: an adapter reward model needs the base model it was trained on")
+            shared_trunk = load_causal_lm(saved["base"], device=device, dtype=dtype, attn=attn).requires_grad_(False)
         adapter_dir = directory / "adapter"
         if saved.get("adapter_name") and (adapter_dir / saved["adapter_name"]).is_dir():
             adapter_dir = adapter_dir / saved["adapter_name"]
@@ -65,3 +70,21 @@ def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name:
         return RewardModel(trunk, head, adapter=name, adapter_dir=adapter_dir)
     trunk = load_causal_lm(directory / "model", device=device, dtype=dtype, attn=attn).requires_grad_(False)
     return RewardModel(trunk, head, adapter=None)
+
+
+def load_reward_models(directories: dict, *, shared_trunk: nn.Module | None = None, device="cpu",
+                       dtype="auto", attn="auto") -> dict[str, RewardModel]:
+    """Named reward models. Adapters go onto `shared_trunk` when given; otherwise adapters saved
+    on the same base share one loaded copy of it."""
+    models, bases = {}, {}
+    for name, directory in directories.items():
+        saved = json.loads((Path(directory) / CONFIG_FILE).read_text()) if (Path(directory) / CONFIG_FILE).exists() else {}
+        trunk = shared_trunk if shared_trunk is not None else bases.get(saved.get("base"))
+        model = load_reward_model(directory, shared_trunk=trunk, name=name, device=device, dtype=dtype, attn=attn)
+        if model.adapter is not None:
+            if shared_trunk is not None:
+                shared_trunk = model.trunk  # the first adapter wrapped a plain model in a PeftModel
+            else:
+                bases[saved.get("base")] = model.trunk
+        models[name] = model
+    return models

@@ -50,6 +50,33 @@ class TrainConfig:
         return self.batch_size // self.micro_batch_size
 
 
+@dataclass
+class RewardConfig:
+    """Which reward model(s) score the policy's samples, and how several become one reward."""
+
+    reward_model: str = option("", "reward model directory written by `rlhf-fast rm`")
+    reward_models: dict = option({}, "several named reward models, {name: directory} (e.g. helpful, "
+                                     "safety); replaces reward_model")
+    reward_combination: str = option("linear", "how several scores become one: 'linear' (weighted sum of "
+                                               "whitened scores) or 'llama2' (safety/helpfulness rule)")
+    reward_weights: dict = option({}, "linear combination weights by reward model name (default 1 each)")
+    safety_threshold: float = option(0.15, "llama2: use the safety score when sigmoid(safety) is below this")
+    safety_tag: str = option("safety", "llama2: prompts with this tag always use the safety score")
+
+    def check_rewards(self) -> None:
+        from rlhf_fast.rewards import COMBINATIONS
+
+        if not (self.reward_model or self.reward_models):
+            raise ConfigError("set reward_model (a directory written by `rlhf-fast rm`) or reward_models")
+        if self.reward_combination not in COMBINATIONS:
+            raise ConfigError(f"reward_combination must be one of {COMBINATIONS}, got {self.reward_combination!r}")
+        if self.reward_combination == "llama2" and not {"helpful", "safety"} <= set(self.reward_models):
+            raise ConfigError("reward_combination 'llama2' needs reward_models named 'helpful' and 'safety'")
+
+    def reward_directories(self) -> dict:
+        return self.reward_models or {"reward": self.reward_model}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -18,32 +18,23 @@ from tqdm import tqdm
 
 from rlhf_fast import data, kernels, rewards
 from rlhf_fast.config import ConfigError, check_divides, option
-from rlhf_fast.rewards import COMBINATIONS
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.metrics import MetricsLogger
 from rlhf_fast.models.heads import ScalarHead
-from rlhf_fast.models.reward import HEAD_FILE, load_reward_model
+from rlhf_fast.models.reward import HEAD_FILE, load_reward_models
 from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
 from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
 from rlhf_fast.rollout import Rollout, sample
 from rlhf_fast.stages import runstate
-from rlhf_fast.stages.common import (TrainConfig, autocast, build_optimizer, clip_and_step,
+from rlhf_fast.stages.common import (RewardConfig, TrainConfig, autocast, build_optimizer, clip_and_step,
                                      load_trainable_lm, seed_everything)
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RewardConfig, TrainConfig):
     """PPO on {"prompt"} JSONL against a reward model saved by `rlhf-fast rm`."""
 
     prompts: str = option("", "prompt JSONL file")
-    reward_model: str = option("", "reward model directory written by `rlhf-fast rm`")
-    reward_models: dict = option({}, "several named reward models, {name: directory} (e.g. helpful, "
-                                     "safety); replaces reward_model")
-    reward_combination: str = option("linear", "how several scores become one: 'linear' (weighted sum of "
-                                               "whitened scores) or 'llama2' (safety/helpfulness rule)")
-    reward_weights: dict = option({}, "linear combination weights by reward model name (default 1 each)")
-    safety_threshold: float = option(0.15, "llama2: use the safety score when sigmoid(safety) is below this")
-    safety_tag: str = option("safety", "llama2: prompts with this tag always use the safety score")
     iterations: int = option(20, "rollout + update iterations")
     mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch")
     ppo_epochs: int = option(2, "passes over each rollout batch")
@@ -83,10 +74,7 @@ class PPOConfig(TrainConfig):
             raise ConfigError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
         if self.value_mode == "adapter" and self.lora_r == 0:
             raise ConfigError("value_mode 'adapter' needs a LoRA policy (lora_r > 0)")
-        if self.reward_combination not in COMBINATIONS:
-            raise ConfigError(f"reward_combination must be one of {COMBINATIONS}, got {self.reward_combination!r}")
-        if self.reward_combination == "llama2" and not {"helpful", "safety"} <= set(self.reward_models):
-            raise ConfigError("reward_combination 'llama2' needs reward_models named 'helpful' and 'safety'")
+        self.check_rewards()
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
 
@@ -136,13 +124,12 @@ class PPOTrainer:
         self.config = config
         seed_everything(config.seed)
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
-        self.reward_models = {}
-        for name, directory in (config.reward_models or {"reward": config.reward_model}).items():
-            reward_model = load_reward_model(directory, shared_trunk=model if config.lora_r else None,
-                                             name=name, device=self.device, dtype=config.dtype)
+        self.reward_models = load_reward_models(config.reward_directories(),
+                                                shared_trunk=model if config.lora_r else None,
+                                                device=self.device, dtype=config.dtype)
+        for reward_model in self.reward_models.values():
             if reward_model.adapter is not None:
-                model = reward_model.trunk  # the reward adapter was loaded onto the policy's PeftModel
-            self.reward_models[name] = reward_model
+                model = reward_model.trunk  # reward adapters were loaded onto the policy's PeftModel
         self.reward_model = next(iter(self.reward_models.values()))  # the one a value function may copy
         if config.value_mode == "adapter":
             model = self._add_value_adapter(model)
@@ -187,7 +174,7 @@ class PPOTrainer:
         return model
 
     def _value_head(self, hidden_size: int) -> ScalarHead:
-        reward_head = Path(next(iter(self.config.reward_models.values()), self.config.reward_model)) / HEAD_FILE
+        reward_head = Path(next(iter(self.config.reward_directories().values()))) / HEAD_FILE
         if self.config.value_init_from_reward and reward_head.exists():
             return ScalarHead.load(reward_head, device=self.device)
         head = ScalarHead(hidden_size).to(self.device)

@@ -125,7 +125,7 @@ def run(config: RMConfig) -> Path:
     logger.log(num_steps, metrics)
     logger.close()
     reward_dir = output / "reward"
-    reward_model.save(reward_dir)
+    reward_model.save(reward_dir, base=config.model)
     print(f"rm: held-out accuracy {metrics['rm/eval_accuracy']:.3f} over {len(held_out)} pairs; "
           f"written to {reward_dir}")
     return reward_dir
