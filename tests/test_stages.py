@@ -328,3 +328,23 @@ def test_rejection_sampling_keeps_the_best_of_k_and_carries_earlier_rounds(tiny_
     round_stats = json.loads((out / "round" / "metrics.jsonl").read_text().splitlines()[0])
     assert round_stats["rs/best_of_k_reward"] >= round_stats["rs/mean_of_k_reward"]
     assert (model_dir / "config.json").exists()
+
+
+def test_generate_best_of_n_from_the_cli(tiny_model_dir, tmp_path):
+    from rlhf_fast.cli import main
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
+                                                    for i in range(8)])
+    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
+                                    lora_r=0, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
+    output = tmp_path / "gen" / "best.jsonl"
+    assert main(["generate", "--model", str(tiny_model_dir), "--reward_model", str(reward_dir), "--prompts",
+                 str(prompts), "--best-of", "3", "--max_new_tokens", "4", "--output", str(output)]) == 0
+    candidates = [json.loads(line) for line in output.with_suffix(".all.jsonl").read_text().splitlines()]
+    best = {b["prompt"]: b for b in map(json.loads, output.read_text().splitlines())}
+    assert all(len(c["responses"]) == 3 for c in candidates)
+    for c in candidates:
+        kept = [(r, t) for r, t in zip(c["rewards"], c["responses"]) if t.strip()]
+        if kept:
+            assert (best[c["prompt"]]["reward"], best[c["prompt"]]["response"]) == max(kept, key=lambda p: p[0])

@@ -44,15 +44,19 @@ class RSConfig(RewardConfig, sft.SFTConfig):
 
 
 @torch.no_grad()
-def sample_and_score(config: RSConfig, device) -> list[dict]:
-    """Every prompt's K candidates with their combined reward: [{prompt, responses, rewards}]."""
+def sample_and_score(config, device, *, k: int, prompts_per_batch: int) -> list[dict]:
+    """Every prompt's K candidates with their combined reward: [{prompt, responses, rewards}].
+
+    `config` carries model, dtype, attn_implementation, prompts, max_new_tokens, temperature,
+    top_p and the RewardConfig fields (RSConfig and GenerateConfig both do).
+    """
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, device=device, dtype=config.dtype, attn=config.attn_implementation)
     reward_models = load_reward_models(config.reward_directories(), device=device, dtype=config.dtype)
     records = data.load_prompts(config.prompts)
-    k, results = config.samples_per_prompt, []
-    for first in range(0, len(records), config.micro_batch_size):
-        chunk = records[first:first + config.micro_batch_size]
+    results = []
+    for first in range(0, len(records), prompts_per_batch):
+        chunk = records[first:first + prompts_per_batch]
         rollout = sample(policy, tokenizer, [data.encode_prompt(tokenizer, r.prompt) for r in chunk],
                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                          top_p=config.top_p, num_samples=k)
@@ -90,7 +94,8 @@ def run(config: RSConfig) -> Path:
     seed_everything(config.seed)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    samples = sample_and_score(config, pick_device(config.device))
+    samples = sample_and_score(config, pick_device(config.device), k=config.samples_per_prompt,
+                               prompts_per_batch=config.micro_batch_size)
     write_jsonl(output / "samples.jsonl", samples)
     best = select_best(samples)
     write_jsonl(output / "best.jsonl", best)

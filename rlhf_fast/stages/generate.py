@@ -1,0 +1,50 @@
+"""`rlhf-fast generate --best-of N`: best-of-N sampling at inference with any reward model(s).
+
+Draws N responses per prompt from a model directory, scores them with the reward model(s) (combined
+as in PPO), and writes each prompt's best, with its reward, and every candidate to JSONL.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_fast.config import ConfigError, option
+from rlhf_fast.models.loading import pick_device
+from rlhf_fast.stages.common import RewardConfig, seed_everything
+from rlhf_fast.stages.rs import sample_and_score, select_best, write_jsonl
+
+
+@dataclass
+class GenerateConfig(RewardConfig):
+    """Best-of-N responses to {"prompt"} JSONL lines."""
+
+    model: str = option("", "local Hugging Face model directory to sample from")
+    prompts: str = option("", "prompt JSONL file")
+    output: str = option("generations.jsonl", "where each prompt's best response goes (candidates: *.all.jsonl)")
+    best_of: int = option(4, "N: samples drawn per prompt, the best kept")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = option(64, "response budget")
+    batch_size: int = option(8, "prompts per generate call")
+    seed: int = option(0, "sampling seed")
+    device: str = option("auto", "'auto', 'cuda' or 'cpu'")
+    dtype: str = option("auto", "'auto' (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    attn_implementation: str = option("auto", "'auto' (flash_attention_2 if installed, else sdpa)")
+
+    def __post_init__(self):
+        self.check_rewards()
+        if not self.model or not self.prompts:
+            raise ConfigError("generate needs model and prompts")
+        if self.best_of < 1:
+            raise ConfigError(f"best_of must be >= 1, got {self.best_of}")
+
+
+def run(config: GenerateConfig) -> Path:
+    seed_everything(config.seed)
+    samples = sample_and_score(config, pick_device(config.device), k=config.best_of,
+                               prompts_per_batch=config.batch_size)
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(output.with_suffix(".all.jsonl"), samples)
+    best = select_best(samples)
+    write_jsonl(output, best)
+    print(f"generate: best of {config.best_of} for {len(best)} prompts written to {output}")
+    return output
