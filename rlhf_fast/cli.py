@@ -14,6 +14,7 @@ COMMANDS = {
     "rm": ("rlhf_fast.stages.rm", "RMConfig", "reward model from pairwise preferences or rankings"),
     "ppo": ("rlhf_fast.stages.ppo", "PPOConfig", "PPO against a reward model with a per-token KL penalty"),
     "rs": ("rlhf_fast.stages.rs", "RSConfig", "rejection-sampling fine-tuning (Llama 2): best of K, then SFT"),
+    "rounds": ("rlhf_fast.stages.rounds", "RoundsConfig", "Llama 2's iterated rounds: reward-model refresh, RS, PPO"),
     "generate": ("rlhf_fast.stages.generate", "GenerateConfig", "best-of-N sampling with reward model(s)"),
     "pipeline": ("rlhf_fast.stages.pipeline", "PipelineConfig", "SFT -> reward model -> PPO, chained"),
     "demo": ("rlhf_fast.demo", None, "the embedded end-to-end pipeline on a tiny model, no downloads"),

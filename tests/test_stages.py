@@ -348,3 +348,50 @@ def test_generate_best_of_n_from_the_cli(tiny_model_dir, tmp_path):
         kept = [(r, t) for r, t in zip(c["rewards"], c["responses"]) if t.strip()]
         if kept:
             assert (best[c["prompt"]]["reward"], best[c["prompt"]]["response"]) == max(kept, key=lambda p: p[0])
+
+
+def test_two_rounds_from_the_cli(tiny_model_dir, tmp_path):
+    """Round 1: rejection sampling; round 2: a reward-model refresh, rejection sampling carrying
+    round 1's keepers, then PPO on top."""
+    from rlhf_fast.cli import main
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
+                                                    for i in range(8)])
+    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
+                                    lora_r=4, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(3)])
+    out = tmp_path / "rounds"
+    rs_keys = "{samples_per_prompt: 2, max_new_tokens: 3, max_length: 24, lora_r: 0, max_steps: 1, batch_size: 2, micro_batch_size: 2}"
+    (tmp_path / "rounds.yaml").write_text(f"""
+model: {tiny_model_dir}
+prompts: {prompts}
+output_dir: {out}
+reward_models: {{helpful: {reward_dir}}}
+rounds:
+  - rs: {rs_keys}
+  - rm: {{helpful: {{data: {prefs}, lora_r: 4, max_steps: 1, batch_size: 4, micro_batch_size: 4, max_length: 16}}}}
+    rs: {rs_keys}
+    ppo: {{iterations: 1, batch_size: 2, mini_batch_size: 2, micro_batch_size: 2, max_new_tokens: 3, max_length: 24,
+          lora_r: 4}}
+""")
+    assert main(["rounds", "--config", str(tmp_path / "rounds.yaml")]) == 0
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert "rs/best_of_k_reward" in rows[0] and "reward/score_mean" in rows[1]
+    first = (out / "round-1" / "rs" / "train.jsonl").read_text().splitlines()
+    second = (out / "round-2" / "rs" / "train.jsonl").read_text().splitlines()
+    assert second[:len(first)] == first and len(second) > len(first)
+    assert (out / "round-2" / "rm-helpful" / "reward" / "head.safetensors").exists()
+    assert rows[1]["policy"].endswith("round-2/ppo/policy/model")
+    assert (out / "round-2" / "ppo" / "policy" / "model" / "config.json").exists()
+
+
+def test_rounds_reject_an_unknown_key_before_training(tiny_model_dir, tmp_path):
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.stages import rounds
+
+    config = rounds.RoundsConfig(model=str(tiny_model_dir), prompts="p.jsonl", reward_model="r",
+                                 output_dir=str(tmp_path), rounds=[{"rs": {}}, {"rs": {"samples_per_promt": 3}}])
+    with pytest.raises(ConfigError, match=r"rounds\[2\]\.rs: unknown key\(s\) \['samples_per_promt'\]"):
+        rounds.run(config)
+    assert not (tmp_path / "round-1").exists()
