@@ -42,23 +42,34 @@ def make_sft_data(path: Path, n: int, rng: random.Random) -> Path:
     return write_jsonl(path, records)
 
 
-def make_rankings(path: Path, model_dir: Path, num_prompts: int, k: int, rng: random.Random) -> Path:
-    """K samples per prompt from the SFT model, ranked by the oracle (ties collapsed)."""
+def sample_candidates(model_dir: Path, prompts: list[str], k: int) -> list[tuple[str, list[str]]]:
+    """K samples per prompt from a saved model: [(prompt, responses)]."""
     tokenizer = load_tokenizer(model_dir, padding_side="left")
     model = load_causal_lm(model_dir)
-    pool = [task.make_prompt(rng)[0] for _ in range(num_prompts)]
-    records = []
-    for first in range(0, len(pool), 16):
-        chunk = pool[first:first + 16]
+    candidates = []
+    for first in range(0, len(prompts), 16):
+        chunk = prompts[first:first + 16]
         rollout = sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk],
                          max_new_tokens=12, num_samples=k)
-        responses = decode_responses(tokenizer, rollout)
-        for i, prompt in enumerate(chunk):
-            ranking = task.rank(prompt, [r if r.startswith(" ") else " " + r
-                                         for r in responses[i * k:(i + 1) * k] if r.strip()])
-            if len(ranking) >= 2:
-                records.append({"prompt": prompt, "responses": ranking})
+        responses = [r if r.startswith(" ") else " " + r for r in decode_responses(tokenizer, rollout)]
+        candidates += [(p, responses[i * k:(i + 1) * k]) for i, p in enumerate(chunk)]
+    return candidates
+
+
+def write_rankings(path: Path, candidates, rank) -> Path:
+    """The labellers' rankings (best first, ties collapsed) of each prompt's non-empty candidates."""
+    records = []
+    for prompt, responses in candidates:
+        ranking = rank(prompt, [r for r in responses if r.strip()])
+        if len(ranking) >= 2:
+            records.append({"prompt": prompt, "responses": ranking})
     return write_jsonl(path, records)
+
+
+def make_rankings(path: Path, model_dir: Path, num_prompts: int, k: int, rng: random.Random) -> Path:
+    """K samples per prompt from the SFT model, ranked by the oracle (ties collapsed)."""
+    prompts = [task.make_prompt(rng)[0] for _ in range(num_prompts)]
+    return write_rankings(path, sample_candidates(model_dir, prompts, k), task.rank)
 
 
 @torch.no_grad()

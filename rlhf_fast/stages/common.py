@@ -149,6 +149,17 @@ def save_model_dir(model, tokenizer, path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def merge_saved_adapter(base_dir, adapter_dir, output_dir, *, device="auto", dtype="auto"):
+    """Base model + a saved LoRA adapter -> a plain HF directory with the adapter merged in."""
+    from rlhf_fast.models.adapters import load_lora
+    from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_lora(load_causal_lm(base_dir, device=device, dtype=dtype), adapter_dir, "merged")
+    model.set_adapter("merged")
+    save_model_dir(model, load_tokenizer(base_dir), output_dir)
+    return output_dir
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so resume matches."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -27,7 +27,7 @@ from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
 from rlhf_fast.rollout import Rollout, sample
 from rlhf_fast.stages import runstate
 from rlhf_fast.stages.common import (RewardConfig, TrainConfig, autocast, build_optimizer, clip_and_step,
-                                     load_trainable_lm, save_model_dir, seed_everything)
+                                     load_trainable_lm, seed_everything)
 
 
 @dataclass
@@ -369,9 +369,7 @@ class PPOTrainer:
             self.actor.model.save_pretrained(policy_dir / "model")
         self.tokenizer.save_pretrained(policy_dir)
         self.actor.value_head.save(policy_dir / "value_head.safetensors")
-        if self.config.lora_r:
-            # a plain model directory with the policy adapter merged: what the next round starts from
-            save_model_dir(self.actor.model, self.tokenizer, policy_dir / "model")
+
         print(f"ppo: policy written to {policy_dir}; peak memory {peak_memory_gb(self.device):.2f} GB")
         return policy_dir
 

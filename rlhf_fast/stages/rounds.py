@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rlhf_fast.config import ConfigError, build_config, option
 from rlhf_fast.stages import ppo, rm, rs
-from rlhf_fast.stages.common import RewardConfig
+from rlhf_fast.stages.common import RewardConfig, merge_saved_adapter
 
 STEPS = ("rm", "rs", "ppo")
 
@@ -90,8 +90,11 @@ def run(config: RoundsConfig) -> Path:
             previous_best = str(Path(configs["rs"].output_dir) / "train.jsonl")
             row.update(_last_metrics(Path(configs["rs"].output_dir) / "round"))
         if "ppo" in configs:
-            ppo.run(configs["ppo"])
-            policy = str(Path(configs["ppo"].output_dir) / "policy" / "model")
+            policy_dir = ppo.run(configs["ppo"])
+            if configs["ppo"].lora_r:  # the next round starts from a plain model directory
+                merge_saved_adapter(policy, policy_dir / "adapter" / "policy", policy_dir / "model",
+                                    device=config.device)
+            policy = str(policy_dir / "model")
             row.update(_last_metrics(Path(configs["ppo"].output_dir), prefix="reward/"))
         row["policy"] = policy
         summary.append(row)
