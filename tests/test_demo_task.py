@@ -24,3 +24,14 @@ def test_held_out_prompts_never_meet_training_prompts():
     train = {task.make_prompt(rng)[0] for _ in range(500)}
     held_out = {task.make_prompt(rng, held_out=True)[0] for _ in range(200)}
     assert not train & held_out
+
+
+def test_safety_oracle_conflicts_with_helpfulness_only_on_tagged_prompts():
+    from rlhf_fast.demo import safety
+
+    tagged, plain = "#2 list tool words:", "#2 list fruit words:"
+    assert safety.is_safety_prompt(tagged) and not safety.is_safety_prompt(plain)
+    assert safety.helpful_score(tagged, " saw drill") == 2 and safety.safety_score(tagged, " saw drill") == -2
+    assert safety.helpful_score(tagged, " sorry") == 0 and safety.safety_score(tagged, " sorry") == 2
+    assert safety.safety_score(plain, " apple banana") == 0 and safety.safety_score(plain, " sorry") == 0
+    assert safety.rank_by(safety.safety_score, tagged, [" saw", " sorry", " apple"]) == [" sorry", " apple", " saw"]

@@ -159,6 +159,13 @@ def main(argv=None, prog="rlhf-fast demo") -> int:
     parser.add_argument("--output-dir", default="runs/demo", help="where everything is written")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer examples and PPO iterations")
+    parser.add_argument("--llama2", action="store_true",
+                        help="the longer Llama 2 version: a safety axis, two reward models, "
+                             "rejection-sampling rounds, then PPO")
     args = parser.parse_args(argv)
-    run_demo(Path(args.output_dir), args.seed, quick=args.quick)
+    if args.llama2:
+        from rlhf_fast.demo.llama2 import run_llama2_demo
+        run_llama2_demo(Path(args.output_dir), args.seed)
+    else:
+        run_demo(Path(args.output_dir), args.seed, quick=args.quick)
     return 0

@@ -1,0 +1,103 @@
+"""`rlhf-fast demo --llama2`: Llama 2's recipe on the demo's world, with a safety axis.
+
+  1. SFT on demonstrations (the demonstrator declines some tool requests with " sorry");
+  2. K samples per prompt from the SFT model, ranked twice, by the hidden helpfulness oracle and
+     by the hidden safety oracle: a helpfulness and a safety reward model;
+  3. iterated rounds on prompts where tool requests are tagged "safety": rejection sampling rounds
+     with the two reward models combined by Llama 2's rule, then a final PPO round on top;
+then the helpfulness and safety oracles score every round's policy on held-out prompts, as the
+paper's figure compares RS-only with RS + PPO.
+"""
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.demo import safety, task
+from rlhf_fast.demo.run import sample_candidates, write_jsonl, write_rankings
+from rlhf_fast.stages import rm, rounds, sft
+from rlhf_fast.tiny import build_tiny_model_dir
+
+
+def evaluate(model_dir: Path, prompts: list[str], k: int = 4) -> dict:
+    """Mean helpfulness and safety oracle scores of a policy on held-out prompts (and on the
+    safety-tagged ones alone)."""
+    rows = [(p, r) for p, responses in sample_candidates(model_dir, prompts, k) for r in responses]
+    tagged = [(p, r) for p, r in rows if safety.is_safety_prompt(p)]
+
+    def mean(score, pairs):
+        return sum(score(p, r) for p, r in pairs) / max(len(pairs), 1)
+
+    return {"helpfulness": mean(safety.helpful_score, rows), "safety": mean(safety.safety_score, rows),
+            "helpfulness_tagged": mean(safety.helpful_score, tagged),
+            "safety_tagged": mean(safety.safety_score, tagged)}
+
+
+def run_llama2_demo(output: Path, seed: int, rs_rounds: int = 2) -> dict:
+    start = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    base = build_tiny_model_dir(output / "base", safety.corpus(), vocab_size=600, hidden_size=64,
+                                num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=seed)
+    common = {"seed": seed, "device": "auto", "log_every": 10}
+
+    print("== step 1: SFT on demonstrations that sometimes decline tool requests")
+    records = []
+    for _ in range(3000):
+        prompt, topic = task.make_prompt(rng)
+        records.append({"prompt": prompt, "response": safety.demonstrate(topic, rng)})
+    sft_dir = sft.run(sft.SFTConfig(model=str(base), data=str(write_jsonl(output / "sft.jsonl", records)),
+                                    output_dir=str(output / "sft"), lora_r=0, learning_rate=2e-3, warmup_steps=10,
+                                    batch_size=32, micro_batch_size=32, max_length=48, epochs=3, **common))
+
+    print("== step 2: two labellers rank SFT samples; a helpfulness and a safety reward model")
+    candidates = sample_candidates(sft_dir, [task.make_prompt(rng)[0] for _ in range(400)], k=4)
+    reward_models = {}
+    for name, score in (("helpful", safety.helpful_score), ("safety", safety.safety_score)):
+        rankings = write_rankings(output / f"rankings-{name}.jsonl", candidates,
+                                  lambda p, rs, score=score: safety.rank_by(score, p, rs))
+        reward_models[name] = str(rm.run(rm.RMConfig(
+            model=str(sft_dir), data=str(rankings), output_dir=str(output / f"rm-{name}"), adapter_name=name,
+            lora_r=0, learning_rate=1e-3, batch_size=32, micro_batch_size=32, max_length=48, epochs=4,
+            eval_fraction=0.1, **common)))
+
+    print(f"== step 3: {rs_rounds} rejection-sampling rounds, then PPO on top (Llama 2's combination)")
+    prompts = [task.make_prompt(rng)[0] for _ in range(200)]
+    prompt_file = write_jsonl(output / "prompts.jsonl", [
+        {"prompt": p, "tags": ["safety"] if safety.is_safety_prompt(p) else []} for p in prompts])
+    rs_keys = {"samples_per_prompt": 4, "max_new_tokens": 12, "max_length": 48, "lora_r": 0,
+               "learning_rate": 1e-3, "batch_size": 32, "micro_batch_size": 32, "epochs": 2, "log_every": 10}
+    ppo_keys = {"lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3, "lr_schedule": "constant",
+                "iterations": 80, "batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16,
+                "ppo_epochs": 4, "max_new_tokens": 12, "kl_coef": 0.2, "lam": 1.0, "max_length": 48,
+                "log_every": 10}
+    rounds_dir = output / "rounds"
+    rounds.run(rounds.RoundsConfig(
+        model=str(sft_dir), prompts=str(prompt_file), output_dir=str(rounds_dir), seed=seed,
+        reward_models=reward_models, reward_combination="llama2",
+        rounds=[{"rs": rs_keys}] * rs_rounds + [{"ppo": ppo_keys}]))
+
+    torch.manual_seed(seed + 1)
+    eval_rng = random.Random(seed + 1)
+    held_out = [task.make_prompt(eval_rng, held_out=True)[0] for _ in range(64)]
+    policies = {"SFT": sft_dir}
+    policies.update({f"RS round {i}": rounds_dir / f"round-{i}" / "rs" / "sft" / "model"
+                     for i in range(1, rs_rounds + 1)})
+    policies["RS + PPO"] = rounds_dir / f"round-{rs_rounds + 1}" / "ppo" / "policy" / "model"
+    table = {name: evaluate(Path(path), held_out) for name, path in policies.items()}
+    table["wall_s"] = time.perf_counter() - start
+    (output / "llama2_results.json").write_text(json.dumps(table, indent=2) + "\n")
+    print_table(table)
+    return table
+
+
+def print_table(table: dict) -> None:
+    print("\n64 held-out prompts x 4 samples (tagged = safety-tagged tool requests)")
+    print(f"{'policy':<12}{'helpfulness':>12}{'safety':>9}{'helpful|tagged':>16}{'safety|tagged':>15}")
+    for name, row in table.items():
+        if name != "wall_s":
+            print(f"{name:<12}{row['helpfulness']:>12.3f}{row['safety']:>9.3f}"
+                  f"{row['helpfulness_tagged']:>16.3f}{row['safety_tagged']:>15.3f}")
+    print(f"wall time {table['wall_s']:.0f} s")
