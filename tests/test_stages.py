@@ -395,3 +395,40 @@ def test_rounds_reject_an_unknown_key_before_training(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"rounds\[2\]\.rs: unknown key\(s\) \['samples_per_promt'\]"):
         rounds.run(config)
     assert not (tmp_path / "round-1").exists()
+
+
+def test_a_reward_model_refresh_without_data_needs_a_labeller(tiny_model_dir, tmp_path):
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.stages import rounds
+
+    config = rounds.RoundsConfig(model=str(tiny_model_dir), prompts="p.jsonl", reward_model="r",
+                                 output_dir=str(tmp_path), rounds=[{"rm": {"helpful": {"lora_r": 4}}}])
+    with pytest.raises(ConfigError, match=r"rounds\[1\]\.rm\.helpful: no data, and no labeller"):
+        rounds.run(config)
+
+
+def test_the_labeller_ranks_the_current_policys_samples_for_a_refresh(tiny_model_dir, tmp_path):
+    from rlhf_fast.stages import rounds
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
+                                                    for i in range(8)])
+    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
+                                    lora_r=4, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
+    calls = []
+
+    def labeller(policy_dir, round_dir):
+        calls.append((policy_dir, round_dir))
+        return {"helpful": prefs}
+
+    rs_keys = {"samples_per_prompt": 2, "max_new_tokens": 3, "max_length": 24, "lora_r": 0, "max_steps": 1,
+               "batch_size": 2, "micro_batch_size": 2}
+    rm_keys = {"lora_r": 4, "max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "max_length": 16}
+    out = tmp_path / "rounds"
+    rounds.run(rounds.RoundsConfig(model=str(tiny_model_dir), prompts=str(prompts), output_dir=str(out),
+                                   reward_models={"helpful": str(reward_dir)},
+                                   rounds=[{"rs": rs_keys}, {"rm": {"helpful": rm_keys}, "rs": rs_keys}]),
+               labeller=labeller)
+    assert calls == [(out / "round-1" / "rs" / "sft" / "model", out / "round-2")]
+    config = json.loads((out / "round-2" / "rm-helpful" / "reward" / "reward_config.json").read_text())
+    assert config["base"] == str(tiny_model_dir)

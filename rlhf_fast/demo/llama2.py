@@ -4,7 +4,9 @@
   2. K samples per prompt from the SFT model, ranked twice, by the hidden helpfulness oracle and
      by the hidden safety oracle: a helpfulness and a safety reward model;
   3. iterated rounds on prompts where tool requests are tagged "safety": rejection sampling rounds
-     with the two reward models combined by Llama 2's rule, then a final PPO round on top;
+     with the two reward models combined by Llama 2's rule (from round 2 on, the labellers first
+     rank fresh samples of the current policy and both reward models are retrained on all the
+     rankings so far), then a final PPO round on top;
 then the helpfulness and safety oracles score every round's policy on held-out prompts, as the
 paper's figure compares RS-only with RS + PPO.
 """
@@ -53,15 +55,27 @@ def run_llama2_demo(output: Path, seed: int, rs_rounds: int = 2) -> dict:
                                     batch_size=32, micro_batch_size=32, max_length=48, epochs=3, **common))
 
     print("== step 2: two labellers rank SFT samples; a helpfulness and a safety reward model")
-    candidates = sample_candidates(sft_dir, [task.make_prompt(rng)[0] for _ in range(400)], k=4)
-    reward_models = {}
-    for name, score in (("helpful", safety.helpful_score), ("safety", safety.safety_score)):
-        rankings = write_rankings(output / f"rankings-{name}.jsonl", candidates,
-                                  lambda p, rs, score=score: safety.rank_by(score, p, rs))
-        reward_models[name] = str(rm.run(rm.RMConfig(
-            model=str(sft_dir), data=str(rankings), output_dir=str(output / f"rm-{name}"), adapter_name=name,
-            lora_r=0, learning_rate=1e-3, batch_size=32, micro_batch_size=32, max_length=48, epochs=4,
-            eval_fraction=0.1, **common)))
+    rm_keys = {"lora_r": 0, "learning_rate": 1e-3, "batch_size": 32, "micro_batch_size": 32, "max_length": 48,
+               "epochs": 4, "eval_fraction": 0.1, "log_every": 10}
+
+    def label(policy_dir: Path, round_dir: Path) -> dict:
+        """The two labellers rank fresh samples of `policy_dir`; each reward model's data grows."""
+        round_dir.mkdir(parents=True, exist_ok=True)
+        candidates = sample_candidates(policy_dir, [task.make_prompt(rng)[0] for _ in range(400)], k=4)
+        files = {}
+        for name, score in (("helpful", safety.helpful_score), ("safety", safety.safety_score)):
+            fresh = write_rankings(round_dir / f"new-rankings-{name}.jsonl", candidates,
+                                   lambda p, rs, score=score: safety.rank_by(score, p, rs))
+            files[name] = round_dir / f"rankings-{name}.jsonl"
+            earlier = labelled.get(name)
+            files[name].write_text((earlier.read_text() if earlier else "") + fresh.read_text())
+            labelled[name] = files[name]
+        return files
+
+    labelled: dict = {}
+    reward_models = {name: str(rm.run(rm.RMConfig(model=str(sft_dir), data=str(path), adapter_name=name,
+                                                  output_dir=str(output / f"rm-{name}"), seed=seed, **rm_keys)))
+                     for name, path in label(sft_dir, output).items()}
 
     print(f"== step 3: {rs_rounds} rejection-sampling rounds, then PPO on top (Llama 2's combination)")
     prompts = [task.make_prompt(rng)[0] for _ in range(200)]
@@ -77,7 +91,8 @@ def run_llama2_demo(output: Path, seed: int, rs_rounds: int = 2) -> dict:
     rounds.run(rounds.RoundsConfig(
         model=str(sft_dir), prompts=str(prompt_file), output_dir=str(rounds_dir), seed=seed,
         reward_models=reward_models, reward_combination="llama2",
-        rounds=[{"rs": rs_keys}] * rs_rounds + [{"ppo": ppo_keys}]))
+        rounds=[{"rs": rs_keys}] + [{"rm": {"helpful": rm_keys, "safety": rm_keys}, "rs": rs_keys}] * (rs_rounds - 1)
+        + [{"ppo": ppo_keys}]), labeller=label)
 
     torch.manual_seed(seed + 1)
     eval_rng = random.Random(seed + 1)

@@ -50,12 +50,15 @@ def reward_keys(config: RoundsConfig, reward_models: dict) -> dict:
 
 
 def round_configs(config: RoundsConfig, i: int, round_: dict, policy: str, reward_models: dict,
-                  previous_best: str) -> dict:
-    """The step configs of round i, built (and so validated) from the round's keys."""
+                  previous_best: str, labelled: dict | None = None) -> dict:
+    """The step configs of round i, built (and so validated) from the round's keys. A reward
+    model without `data` is trained on `labelled[name]`, the labeller's rankings of this round."""
     out = Path(config.output_dir) / f"round-{i}"
+    labelled = labelled or {}
     configs = {"rm": {name: build_config(rm.RMConfig, {**shared(config), "model": config.model,
                                                         "adapter_name": name, "output_dir": str(out / f"rm-{name}"),
-                                                        **keys}, source=f"rounds[{i}].rm.{name}")
+                                                        "data": str(labelled.get(name, "")), **keys},
+                                         source=f"rounds[{i}].rm.{name}")
                       for name, keys in round_.get("rm", {}).items()}}
     refreshed = {**reward_models, **{name: str(out / f"rm-{name}" / "reward") for name in configs["rm"]}}
     if "rs" in round_:
@@ -71,17 +74,25 @@ def round_configs(config: RoundsConfig, i: int, round_: dict, policy: str, rewar
     return configs
 
 
-def run(config: RoundsConfig) -> Path:
+def run(config: RoundsConfig, labeller=None) -> Path:
+    """Run the rounds. `labeller(policy_dir, round_dir) -> {reward model name: rankings JSONL}`
+    (Python API only) labels fresh samples of the current policy for the reward models a round
+    refreshes without `data` of their own, as Llama 2's annotators did each round."""
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     # validate every round before anything trains, so a typo in round 3 fails in seconds
     for i, round_ in enumerate(config.rounds, 1):
+        for name, keys in round_.get("rm", {}).items():
+            if "data" not in keys and labeller is None:
+                raise ConfigError(f"rounds[{i}].rm.{name}: no data, and no labeller to make it")
         round_configs(config, i, round_, config.model, config.reward_directories(), "")
 
     policy, reward_models, previous_best = config.model, config.reward_directories(), ""
     summary = []
     for i, round_ in enumerate(config.rounds, 1):
-        configs = round_configs(config, i, round_, policy, reward_models, previous_best)
+        needs_labels = any("data" not in keys for keys in round_.get("rm", {}).values())
+        labelled = labeller(Path(policy), output / f"round-{i}") if needs_labels else None
+        configs = round_configs(config, i, round_, policy, reward_models, previous_best, labelled)
         row = {"round": i}
         for name, rm_config in configs["rm"].items():
             reward_models = {**reward_models, name: str(rm.run(rm_config))}
