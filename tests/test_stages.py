@@ -327,6 +327,8 @@ def test_rejection_sampling_keeps_the_best_of_k_and_carries_earlier_rounds(tiny_
     assert train[0] == {"prompt": "old:", "response": " kept from round 1"} and train[1:] == best
     round_stats = json.loads((out / "round" / "metrics.jsonl").read_text().splitlines()[0])
     assert round_stats["rs/best_of_k_reward"] >= round_stats["rs/mean_of_k_reward"]
+    all_scores = [x for s in samples for x in s["scores"]["reward"]]
+    assert round_stats["reward/reward_mean"] == pytest.approx(sum(all_scores) / len(all_scores))
     assert (model_dir / "config.json").exists()
 
 

@@ -68,8 +68,9 @@ def sample_and_score(config, device, *, k: int, prompts_per_batch: int) -> list[
                                     weights=config.reward_weights or None, threshold=config.safety_threshold))
         texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         for i, record in enumerate(chunk):
-            results.append({"prompt": record.prompt, "responses": texts[i * k:(i + 1) * k],
-                            "rewards": combined[i * k:(i + 1) * k].tolist()})
+            rows = slice(i * k, (i + 1) * k)
+            results.append({"prompt": record.prompt, "responses": texts[rows], "rewards": combined[rows].tolist(),
+                            "scores": {name: value[rows].tolist() for name, value in scores.items()}})
     return results
 
 
@@ -106,6 +107,9 @@ def run(config: RSConfig) -> Path:
     best_of_k = sum(max(s["rewards"]) for s in samples) / len(samples)
     stats = {"rs/mean_of_k_reward": mean_of_k, "rs/best_of_k_reward": best_of_k,
              "rs/gap": best_of_k - mean_of_k, "rs/kept": len(best), "rs/train_size": len(earlier) + len(best)}
+    for name in samples[0]["scores"]:  # each reward model's own mean score, beside the combined reward
+        stats[f"reward/{name}_mean"] = (sum(sum(s["scores"][name]) for s in samples)
+                                        / sum(len(s["scores"][name]) for s in samples))
     logger = MetricsLogger(output / "round")
     logger.log(0, stats)
     logger.close()
