@@ -30,6 +30,16 @@ def final_loss(output_dir, key):
     return [r[key] for r in rows if key in r]
 
 
+def tiny_reward_model(model_dir, tmp_path, *, lora_r, chosen=" apple", rejected=" dog", name="reward",
+                      max_steps=1, learning_rate=1e-4):
+    """A reward model trained for a few steps on 8 prompts that prefer `chosen` to `rejected`."""
+    prefs = write_jsonl(tmp_path / f"{name}-prefs.jsonl",
+                        [{"prompt": f"q{i}:", "chosen": chosen, "rejected": rejected} for i in range(8)])
+    return rm.run(rm.RMConfig(model=str(model_dir), data=str(prefs), output_dir=str(tmp_path / f"rm-{name}"),
+                              adapter_name=name, lora_r=lora_r, max_steps=max_steps, batch_size=4,
+                              micro_batch_size=4, max_length=16, learning_rate=learning_rate)), prefs
+
+
 def test_sft_loss_falls_on_a_memorisable_set(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_records())
     out = tmp_path / "sft"
@@ -189,10 +199,7 @@ ppo: {{prompts: {prompts}, iterations: 2, batch_size: 4, mini_batch_size: 2, mic
 
 def test_ppo_with_a_reward_model_of_its_own(tiny_model_dir, tmp_path):
     """A fully fine-tuned reward model loads as its own directory; the policy keeps its trunk."""
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " good", "rejected": " bad"}
-                                                    for i in range(8)])
-    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
-                                    lora_r=0, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    reward_dir, _ = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=0)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
     trainer = ppo.PPOTrainer(ppo.PPOConfig(
         model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
@@ -226,11 +233,7 @@ def adapter_weights(model, adapter):
 
 
 def test_value_adapter_starts_as_the_reward_adapter_and_trains_beside_the_policy(tiny_model_dir, tmp_path):
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " good", "rejected": " bad"}
-                                                    for i in range(8)])
-    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
-                                    lora_r=4, max_steps=2, batch_size=4, micro_batch_size=4, max_length=16,
-                                    learning_rate=1e-2))
+    reward_dir, _ = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4, max_steps=2, learning_rate=1e-2)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
     trainer = ppo.PPOTrainer(ppo.PPOConfig(
         model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
@@ -277,13 +280,9 @@ def test_two_reward_models_on_one_trunk_score_as_each_does_alone(tiny_model_dir,
     from rlhf_fast.models.reward import load_reward_model
     from rlhf_fast.rewards import combine_llama2
 
-    dirs = {}
-    for name, good in (("helpful", " apple"), ("safety", " cherry")):
-        prefs = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": f"q{i}:", "chosen": good, "rejected": " dog"}
-                                                          for i in range(8)])
-        dirs[name] = str(rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), lora_r=4, max_steps=2,
-                                            output_dir=str(tmp_path / name), batch_size=4, micro_batch_size=4,
-                                            max_length=16, learning_rate=1e-2, adapter_name=name)))
+    dirs = {name: str(tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4, chosen=good, name=name, max_steps=2,
+                                        learning_rate=1e-2)[0])
+            for name, good in (("helpful", " apple"), ("safety", " cherry"))}
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:", "tags": ["safety"]}, {"prompt": "q2:"}])
     trainer = ppo.PPOTrainer(ppo.PPOConfig(
         model=str(tiny_model_dir), reward_models=dirs, reward_combination="llama2", prompts=str(prompts),
@@ -303,10 +302,7 @@ def test_two_reward_models_on_one_trunk_score_as_each_does_alone(tiny_model_dir,
 def test_rejection_sampling_keeps_the_best_of_k_and_carries_earlier_rounds(tiny_model_dir, tmp_path):
     from rlhf_fast.stages import rs
 
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
-                                                    for i in range(8)])
-    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
-                                    lora_r=4, max_steps=2, batch_size=4, micro_batch_size=4, max_length=16))
+    reward_dir, prefs = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4, max_steps=2)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(3)])
     earlier = write_jsonl(tmp_path / "earlier.jsonl", [{"prompt": "old:", "response": " kept from round 1"}])
     out = tmp_path / "rs"
@@ -335,10 +331,7 @@ def test_rejection_sampling_keeps_the_best_of_k_and_carries_earlier_rounds(tiny_
 def test_generate_best_of_n_from_the_cli(tiny_model_dir, tmp_path):
     from rlhf_fast.cli import main
 
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
-                                                    for i in range(8)])
-    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
-                                    lora_r=0, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    reward_dir, prefs = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=0)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
     output = tmp_path / "gen" / "best.jsonl"
     assert main(["generate", "--model", str(tiny_model_dir), "--reward_model", str(reward_dir), "--prompts",
@@ -357,10 +350,7 @@ def test_two_rounds_from_the_cli(tiny_model_dir, tmp_path):
     round 1's keepers, then PPO on top."""
     from rlhf_fast.cli import main
 
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
-                                                    for i in range(8)])
-    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
-                                    lora_r=4, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    reward_dir, prefs = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(3)])
     out = tmp_path / "rounds"
     rs_keys = "{samples_per_prompt: 2, max_new_tokens: 3, max_length: 24, lora_r: 0, max_steps: 1, batch_size: 2, micro_batch_size: 2}"
@@ -412,10 +402,7 @@ def test_a_reward_model_refresh_without_data_needs_a_labeller(tiny_model_dir, tm
 def test_the_labeller_ranks_the_current_policys_samples_for_a_refresh(tiny_model_dir, tmp_path):
     from rlhf_fast.stages import rounds
 
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
-                                                    for i in range(8)])
-    reward_dir = rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp_path / "rm"),
-                                    lora_r=4, max_steps=1, batch_size=4, micro_batch_size=4, max_length=16))
+    reward_dir, prefs = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
     calls = []
 
