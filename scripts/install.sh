@@ -27,7 +27,12 @@ has_torch='import sys, torch; v = tuple(int(p) for p in torch.__version__.split(
 if ! "$py" -c "$has_torch" 2>/dev/null; then
   "$py" -m pip install --quiet "torch==2.13.0"
 fi
-"$py" -m pip install --quiet -e ".${extras:+[$extras]}"
+# build in the venv itself when it can (no download of build tools: GPU boxes may be offline)
+build_isolation=""
+if "$py" -c 'import sys, setuptools, wheel; sys.exit(int(setuptools.__version__.split(".")[0]) < 64)' 2>/dev/null; then
+  build_isolation="--no-build-isolation"
+fi
+"$py" -m pip install --quiet $build_isolation -e ".${extras:+[$extras]}"
 
 if [ "$native" = 1 ]; then
   PATH="$PWD/.venv/bin:$PATH" cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
