@@ -65,6 +65,13 @@ class PromptRecord:
 # ---------------------------------------------------------------------------------------------
 # Reading and field checks
 
+def write_jsonl(path, records):
+    """One JSON object per line: the format every loader here reads."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
+
+
 def read_jsonl(path) -> Iterator[tuple[str, dict]]:
     """Yield ("path:line", object) for every non-blank line; DataError on a line that is not an object."""
     path = os.fspath(path)

@@ -36,13 +36,9 @@ def problem(lead, dtype, with_ref=False, with_bias=False, **options):
     return inputs, dict(options, ref_logprobs=ref_logprobs, bias=bias)
 
 
-def composed_reference(hidden, weight, targets, old_logprobs, advantages, mask, *, ref_logprobs=None,
-                       bias=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, temperature=1.0):
-    """The spec built from reference pieces, in fp64: (loss, stats, d hidden, d weight, d bias)."""
-    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    b = None if bias is None else bias.double().requires_grad_()
-    logprobs, entropy = reference.token_logprobs(h, w, targets.masked_fill(~mask, -100), bias=b,
-                                                 temperature=temperature, return_entropy=True)
+def ppo_objective(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, kl_coef, kl_estimator,
+                  entropy_coef):
+    """linear_ppo_loss's definition on given log-probs and entropies, from the reference pieces."""
     loss, stats = reference.ppo_policy_loss(logprobs, old_logprobs, advantages, mask)
     maskf = mask.double()
     stats["entropy"] = reference.masked_mean(entropy, maskf)
@@ -50,6 +46,18 @@ def composed_reference(hidden, weight, targets, old_logprobs, advantages, mask, 
     if ref_logprobs is not None:
         stats["kl"] = reference.masked_mean(reference.kl_penalty(logprobs, ref_logprobs, kl_estimator), maskf)
         loss = loss + kl_coef * stats["kl"]
+    return loss, stats
+
+
+def composed_reference(hidden, weight, targets, old_logprobs, advantages, mask, *, ref_logprobs=None,
+                       bias=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, temperature=1.0):
+    """The spec built from reference pieces, in fp64: (loss, stats, d hidden, d weight, d bias)."""
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    b = None if bias is None else bias.double().requires_grad_()
+    logprobs, entropy = reference.token_logprobs(h, w, targets.masked_fill(~mask, -100), bias=b,
+                                                 temperature=temperature, return_entropy=True)
+    loss, stats = ppo_objective(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
+                                kl_coef, kl_estimator, entropy_coef)
     loss.backward()
     return loss, stats, h.grad, w.grad, None if b is None else b.grad
 
@@ -82,13 +90,8 @@ def eager_bf16(hidden, weight, targets, old_logprobs, advantages, mask, *, ref_l
     logp = (logits / temperature).float().log_softmax(-1)
     logprobs = logp.gather(-1, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1).double()
     entropy = -(logp.exp() * logp).sum(-1).double()
-    loss, stats = reference.ppo_policy_loss(logprobs, old_logprobs, advantages, mask)
-    maskf = mask.double()
-    stats["entropy"] = reference.masked_mean(entropy, maskf)
-    loss = loss - entropy_coef * stats["entropy"]
-    if ref_logprobs is not None:
-        stats["kl"] = reference.masked_mean(reference.kl_penalty(logprobs, ref_logprobs, kl_estimator), maskf)
-        loss = loss + kl_coef * stats["kl"]
+    loss, stats = ppo_objective(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
+                                kl_coef, kl_estimator, entropy_coef)
     loss.backward()
     return dict(stats, loss=loss, hidden=h.grad, weight=w.grad)
 

@@ -16,18 +16,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import encode_prompt
+from rlhf_fast.data import encode_prompt, write_jsonl
 from rlhf_fast.demo import task
 from rlhf_fast.models.adapters import adapters_disabled
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import sample
 from rlhf_fast.stages import ppo, rm, sft
 from rlhf_fast.tiny import build_tiny_model_dir
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def decode_responses(tokenizer, rollout) -> list[str]:

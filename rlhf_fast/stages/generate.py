@@ -9,7 +9,8 @@ from pathlib import Path
 from rlhf_fast.config import ConfigError, option
 from rlhf_fast.models.loading import pick_device
 from rlhf_fast.stages.common import RewardConfig, seed_everything
-from rlhf_fast.stages.rs import sample_and_score, select_best, write_jsonl
+from rlhf_fast.data import write_jsonl
+from rlhf_fast.stages.rs import sample_and_score, select_best
 
 
 @dataclass

@@ -9,7 +9,6 @@ The round reports the mean-of-K and the best-of-K reward: the gap the method har
 Outputs: samples.jsonl (every candidate and its reward), best.jsonl (this round's keepers),
 train.jsonl (all rounds' keepers), sft/model (the new policy), metrics.jsonl.
 """
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -86,22 +85,17 @@ def select_best(samples: list[dict]) -> list[dict]:
     return best
 
 
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def run(config: RSConfig) -> Path:
     seed_everything(config.seed)
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     samples = sample_and_score(config, pick_device(config.device), k=config.samples_per_prompt,
                                prompts_per_batch=config.micro_batch_size)
-    write_jsonl(output / "samples.jsonl", samples)
+    data.write_jsonl(output / "samples.jsonl", samples)
     best = select_best(samples)
-    write_jsonl(output / "best.jsonl", best)
+    data.write_jsonl(output / "best.jsonl", best)
     earlier = [r for _, r in data.read_jsonl(config.previous_best)] if config.previous_best else []
-    train = write_jsonl(output / "train.jsonl", earlier + best)
+    train = data.write_jsonl(output / "train.jsonl", earlier + best)
 
     mean_of_k = sum(sum(s["rewards"]) / len(s["rewards"]) for s in samples) / len(samples)
     best_of_k = sum(max(s["rewards"]) for s in samples) / len(samples)
