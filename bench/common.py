@@ -1,8 +1,8 @@
-"""Shared bench plumbing: timing, peak memory, environment facts, results JSON and the README table.
+"""Shared bench plumbing: timing, peak memory, environment facts and the results JSON.
 
 Every bench writes bench/results/<bench>-<device>.json through `write_results`, which also
-regenerates the table in bench/README.md from all result files, so the table cannot drift.
-A row that was not measured carries status "not run" and no figures.
+regenerates the table in bench/README.md and README.md from all result files (bench/table.py),
+so the table cannot drift. A row that was not measured carries status "not run" and no figures.
 """
 import json
 import os
@@ -15,11 +15,7 @@ from pathlib import Path
 
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
-README = BENCH_DIR / "README.md"
-PROJECT_README = BENCH_DIR.parent / "README.md"  # carries the same generated table
-TABLE_BEGIN, TABLE_END = "<!-- results:begin -->", "<!-- results:end -->"
+from bench.table import BENCH_DIR, RESULTS_DIR, regenerate_table
 
 
 def device_name(device: str) -> str:
@@ -91,31 +87,3 @@ def write_results(bench: str, device: str, rows: list[dict], **meta) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     regenerate_table()
     return path
-
-
-def _fmt(value, spec):
-    return "" if value is None else format(value, spec)
-
-
-def regenerate_table() -> None:
-    lines = ["| bench | device | shape | mode | provider | median ms (p20-p80) | peak MB | rate | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(RESULTS_DIR.glob("*.json")):
-        result = json.loads(path.read_text())
-        for row in result["rows"]:
-            timing = ""
-            if row.get("median_ms") is not None:
-                timing = f"{row['median_ms']:.3f} ({row['p20_ms']:.3f}-{row['p80_ms']:.3f})"
-            # a row that needs CUDA names the GPU it is for, not the CPU that skipped it
-            device = row.get("device") or ("CUDA GPU" if "CUDA" in row.get("status", "") else result["device"])
-            lines.append("| " + " | ".join([
-                result["bench"], device, row.get("shape", ""), row.get("mode", ""),
-                row["provider"], timing, _fmt(row.get("peak_mb"), ".1f"), row.get("rate", ""),
-                row.get("status", "ok")]) + " |")
-    table = "\n".join(lines)
-    for readme in (README, PROJECT_README):
-        text = readme.read_text()
-        if TABLE_BEGIN in text:
-            head, _, rest = text.partition(TABLE_BEGIN)
-            _, _, tail = rest.partition(TABLE_END)
-            readme.write_text(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
