@@ -8,9 +8,38 @@ The 0.15 threshold is on sigmoid scores; since LOGIT(sigmoid(r)) = r, the logit 
 sigmoid score is the chosen raw score. `linear` is the plain alternative: a weighted sum of the
 (optionally whitened) scores.
 """
+from dataclasses import dataclass
+
 import torch
 
+from rlhf_fast.config import ConfigError, option
+
 COMBINATIONS = ("linear", "llama2")
+
+
+@dataclass
+class RewardConfig:
+    """Which reward model(s) score the policy's samples, and how several become one reward."""
+
+    reward_model: str = option("", "reward model directory written by `rlhf-fast rm`")
+    reward_models: dict = option({}, "several named reward models, {name: directory} (e.g. helpful, "
+                                     "safety); replaces reward_model")
+    reward_combination: str = option("linear", "how several scores become one: 'linear' (weighted sum of "
+                                               "whitened scores) or 'llama2' (safety/helpfulness rule)")
+    reward_weights: dict = option({}, "linear combination weights by reward model name (default 1 each)")
+    safety_threshold: float = option(0.15, "llama2: use the safety score when sigmoid(safety) is below this")
+    safety_tag: str = option("safety", "llama2: prompts with this tag always use the safety score")
+
+    def check_rewards(self) -> None:
+        if not (self.reward_model or self.reward_models):
+            raise ConfigError("set reward_model (a directory written by `rlhf-fast rm`) or reward_models")
+        if self.reward_combination not in COMBINATIONS:
+            raise ConfigError(f"reward_combination must be one of {COMBINATIONS}, got {self.reward_combination!r}")
+        if self.reward_combination == "llama2" and not {"helpful", "safety"} <= set(self.reward_models):
+            raise ConfigError("reward_combination 'llama2' needs reward_models named 'helpful' and 'safety'")
+
+    def reward_directories(self) -> dict:
+        return self.reward_models or {"reward": self.reward_model}
 
 
 def whiten(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -55,3 +84,17 @@ def combine(scores: dict[str, torch.Tensor], how: str, *, safety_prompt: torch.T
             safety_prompt = torch.zeros_like(scores[safety], dtype=torch.bool)
         return combine_llama2(scores[helpful], scores[safety], safety_prompt, threshold=threshold)
     raise ValueError(f"unknown reward combination {how!r}; expected one of {COMBINATIONS}")
+
+
+@torch.no_grad()
+def score(reward_models: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: RewardConfig, *,
+          safety_prompt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(reward [B], {name: that model's raw scores [B]}) for B sequences: one reward model's score
+    as it is, several combined by config.reward_combination. safety_prompt [B] bool: the prompt
+    carries config.safety_tag (Llama 2's rule reads it)."""
+    raw = {name: model(input_ids, attention_mask).float() for name, model in reward_models.items()}
+    if len(raw) == 1:
+        return next(iter(raw.values())), raw
+    combined = combine(raw, config.reward_combination, safety_prompt=safety_prompt,
+                       weights=config.reward_weights or None, threshold=config.safety_threshold)
+    return combined, raw

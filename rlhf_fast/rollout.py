@@ -3,11 +3,35 @@
 Prompts are left-padded so every prompt ends at the same column P; responses follow at
 columns P.. and stop at EOS (kept) or max_new_tokens. The returned `response_mask` marks the
 response tokens in the [B, L-1] target frame used by every per-token quantity (column t is the
-prediction of token t + 1).
+prediction of token t + 1; `models.logprobs.next_token_targets` builds the targets of that frame).
 """
 from dataclasses import dataclass
 
 import torch
+
+from rlhf_fast.config import ConfigError, option
+from rlhf_fast.data import pad_batch
+from rlhf_fast.device import module_device
+
+
+@dataclass
+class SamplingConfig:
+    """How every sampling stage draws responses; training applies the same temperature."""
+
+    max_new_tokens: int = option(64, "response budget per sample")
+    temperature: float = option(1.0, "sampling temperature, applied the same way to the log-probs in training")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    top_k: int = option(0, "sample among the k most likely tokens only (0 = off)")
+
+    def check_sampling(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
 
 @dataclass
@@ -27,16 +51,6 @@ class Rollout:
     def responses(self) -> list[torch.Tensor]:
         lengths = self.response_lengths.tolist()
         return [row[self.prompt_length:self.prompt_length + n] for row, n in zip(self.input_ids, lengths)]
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def response_frame(sequences: torch.Tensor, prompt_length: int, eos_ids: set[int], pad_id: int):
@@ -59,8 +73,8 @@ def response_frame(sequences: torch.Tensor, prompt_length: int, eos_ids: set[int
 def sample(policy, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, num_samples: int = 1) -> Rollout:
     """Sample `num_samples` responses per prompt (rows grouped by prompt)."""
-    device = next(policy.parameters()).device
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    device = module_device(policy)
+    prompt_ids, prompt_mask = (t.to(device) for t in pad_batch(prompts, tokenizer.pad_token_id, side="left"))
     eos = tokenizer.eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos)
     was_training = policy.training
@@ -75,3 +89,11 @@ def sample(policy, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, 
     attention_mask = token_mask.clone()
     attention_mask[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     return Rollout(sequences, attention_mask, token_mask[:, 1:].clone(), prompt_length, ended)
+
+
+def sample_with(policy, tokenizer, prompts: list[list[int]], sampling: SamplingConfig, *,
+                num_samples: int = 1) -> Rollout:
+    """`sample` with a stage's SamplingConfig."""
+    return sample(policy, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
+                  temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                  num_samples=num_samples)

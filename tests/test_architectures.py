@@ -34,8 +34,9 @@ def test_fused_logprobs_equal_the_models_logits(make_config, tmp_path):
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(make_config()).save_pretrained(tmp_path)
-    model = load_causal_lm(tmp_path, attn="eager").eval()
-    input_ids = torch.randint(0, 211, (3, 9))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(tmp_path, device=device, dtype="fp32", attn="eager").eval()
+    input_ids = torch.randint(0, 211, (3, 9), device=device)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0  # left padding
     attention_mask[2, 7:] = 0  # right padding

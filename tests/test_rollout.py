@@ -1,11 +1,12 @@
 """Rollout framing: which tokens are the response, in the [B, L-1] target frame."""
 import torch
 
-from rlhf_fast.rollout import left_pad, response_frame
+from rlhf_fast.data import pad_batch
+from rlhf_fast.rollout import response_frame
 
 
 def test_left_pad_aligns_prompt_ends():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 

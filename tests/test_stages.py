@@ -6,13 +6,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_fast import kernels
+from rlhf_fast import batching, kernels
 from rlhf_fast.data import DataError
 from rlhf_fast.models.adapters import add_lora
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.models.logprobs import packed_response_nll, response_nll
 from rlhf_fast.models.roles import ActorCritic
 from rlhf_fast.stages import ppo, rm, sft
+
+# models in fp32 on the machine's device (CUDA when present), their inputs beside them
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fp32_model(model_dir, **kwargs):
+    return load_causal_lm(model_dir, device=DEVICE, dtype="fp32", **kwargs)
 
 
 def write_jsonl(path, records):
@@ -52,13 +60,13 @@ def test_sft_loss_falls_on_a_memorisable_set(tiny_model_dir, tmp_path):
 
 
 def test_sft_loss_is_the_response_nll_of_the_hf_logits(tiny_model_dir):
-    model = load_causal_lm(tiny_model_dir)
+    model = fp32_model(tiny_model_dir)
     tokenizer = load_tokenizer(tiny_model_dir)
-    encoded = sft.encode_examples([type("E", (), {"prompt": r["prompt"], "response": r["response"],
-                                                  "source": "t:1"})() for r in sft_records(3)],
-                                  tokenizer, 32)
-    input_ids, attention_mask, starts = sft.collate(encoded, tokenizer.pad_token_id, "cpu")
-    nll = sft.response_nll(model, input_ids, attention_mask, starts)
+    encoded = batching.encode_examples([type("E", (), {"prompt": r["prompt"], "response": r["response"],
+                                                       "source": "t:1"})() for r in sft_records(3)],
+                                       tokenizer, 32)
+    input_ids, attention_mask, starts = batching.collate(encoded, tokenizer.pad_token_id, DEVICE)
+    nll = response_nll(model, input_ids, attention_mask, starts)
     logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.double(), -1)
     expected = 0.0
     for row, e in enumerate(encoded):
@@ -106,34 +114,39 @@ def test_ranking_loss_matches_the_formula():
 
 
 def perturbed_policy(tiny_model_dir):
-    model = add_lora(load_causal_lm(tiny_model_dir), "policy", r=4, alpha=8)
-    return ActorCritic(model, ScalarHead(model.config.hidden_size))
+    model = add_lora(fp32_model(tiny_model_dir), "policy", r=4, alpha=8)
+    return ActorCritic(model, ScalarHead(model.config.hidden_size).to(DEVICE))
 
 
 def sequences(tokenizer):
     batch = tokenizer(["the quick brown fox jumps", "a reward model learns which"], return_tensors="pt")
-    ids, attention = batch["input_ids"], batch["attention_mask"]
-    response = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.long)
+    ids, attention = batch["input_ids"].to(DEVICE), batch["attention_mask"].to(DEVICE)
+    response = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.long, device=DEVICE)
     response[:, 1:] = 1
     return ids, attention, response
+
+
+def policy_logprobs(actor, ids, attention, response):
+    head, _ = actor(ids, attention, response)
+    return actor.logprobs(head, temperature=1.0)[0]
 
 
 def test_new_adapter_starts_at_kl_zero_and_reference_is_the_base(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     ids, attention, response = sequences(tokenizer)
-    base = load_causal_lm(tiny_model_dir)
-    base_actor = ActorCritic(base, ScalarHead(base.config.hidden_size), reference=base)
+    base = fp32_model(tiny_model_dir)
+    base_actor = ActorCritic(base, ScalarHead(base.config.hidden_size).to(DEVICE), reference=base)
     base_lp = base_actor.reference_logprobs(ids, attention, response, temperature=1.0)
 
     actor = perturbed_policy(tiny_model_dir)
     with torch.no_grad():
-        policy_lp, _ = actor.logprobs(actor.hidden(ids, attention), ids, response, temperature=1.0)
+        policy_lp = policy_logprobs(actor, ids, attention, response)
     assert torch.equal(policy_lp, base_lp), "a fresh LoRA adapter must leave the policy equal to the reference"
     for name, p in actor.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     with torch.no_grad():
-        moved, _ = actor.logprobs(actor.hidden(ids, attention), ids, response, temperature=1.0)
+        moved = policy_logprobs(actor, ids, attention, response)
     assert not torch.allclose(moved, base_lp)
     assert torch.equal(actor.reference_logprobs(ids, attention, response, temperature=1.0), base_lp)
 
@@ -142,22 +155,18 @@ def test_ppo_update_follows_the_advantages(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     ids, attention, response = sequences(tokenizer)
     actor = perturbed_policy(tiny_model_dir)
-    advantages = torch.where(torch.arange(ids.shape[1] - 1) % 2 == 0, 1.0, -1.0).expand_as(response) * response
-
-    def logprobs():
-        return actor.logprobs(actor.hidden(ids, attention), ids, response, temperature=1.0)[0]
+    advantages = torch.where(torch.arange(ids.shape[1] - 1, device=DEVICE) % 2 == 0, 1.0, -1.0)
+    advantages = advantages.expand_as(response) * response
 
     with torch.no_grad():
-        before = logprobs()
+        before = policy_logprobs(actor, ids, attention, response)
     optimizer = torch.optim.SGD([p for p in actor.parameters() if p.requires_grad], lr=0.05)
-    weight, bias = actor.head_weight()
-    targets = ids[:, 1:].masked_fill(response == 0, -100)
-    loss, _ = kernels.linear_ppo_loss(actor.hidden(ids, attention)[:, :-1], weight, targets, before,
-                                      advantages, response)
+    head, _ = actor(ids, attention, response)
+    loss, _ = kernels.linear_ppo_loss(head.hidden, head.weight, head.targets, before, advantages, response)
     loss.backward()
     optimizer.step()
     with torch.no_grad():
-        change = (logprobs() - before) * response
+        change = (policy_logprobs(actor, ids, attention, response) - before) * response
     assert (change[advantages > 0] > 0).float().mean() > 0.8
     assert (change[advantages < 0] < 0).float().mean() > 0.8
 
@@ -252,17 +261,17 @@ def test_value_adapter_starts_as_the_reward_adapter_and_trains_beside_the_policy
 
 
 def test_packed_rows_give_the_same_response_nll_as_padding(tiny_model_dir):
-    model = load_causal_lm(tiny_model_dir, attn="sdpa")
+    model = fp32_model(tiny_model_dir, attn="sdpa")
     tokenizer = load_tokenizer(tiny_model_dir)
     examples = [type("E", (), {"prompt": r["prompt"], "response": r["response"], "source": "t:1"})()
                 for r in sft_records(7)]
-    encoded = sft.encode_examples(examples, tokenizer, 32)
-    rows = sft.pack(encoded, 48)
+    encoded = batching.encode_examples(examples, tokenizer, 32)
+    rows = batching.pack(encoded, 48)
     assert [e for row in rows for e in row] == encoded and len(rows) < len(encoded)
     assert all(sum(len(e.input_ids) for e in row) <= 48 for row in rows)
     with torch.no_grad():
-        padded = sft.response_nll(model, *sft.collate(encoded, tokenizer.pad_token_id, "cpu"))
-        packed = sft.packed_response_nll(model, *sft.collate_packed(rows, tokenizer.pad_token_id, "cpu"))
+        padded = response_nll(model, *batching.collate(encoded, tokenizer.pad_token_id, DEVICE))
+        packed = packed_response_nll(model, *batching.collate_packed(rows, tokenizer.pad_token_id, DEVICE))
     assert abs(packed.item() - padded.item()) < 1e-4 * abs(padded.item())
 
 
@@ -291,7 +300,8 @@ def test_two_reward_models_on_one_trunk_score_as_each_does_alone(tiny_model_dir,
     rollout, safety_prompt = trainer.rollout()
     _, raw = trainer.score(rollout, safety_prompt)
     for name, directory in dirs.items():
-        alone = load_reward_model(directory, shared_trunk=load_causal_lm(tiny_model_dir), name=name)
+        alone = load_reward_model(directory, shared_trunk=load_causal_lm(tiny_model_dir), name=name,
+                                  device=trainer.device)
         with torch.no_grad():
             assert torch.allclose(raw[name], alone(rollout.input_ids, rollout.attention_mask), atol=1e-5)
     assert torch.allclose(raw["combined"], combine_llama2(raw["helpful"], raw["safety"], safety_prompt))

@@ -19,7 +19,7 @@ import torch
 
 from rlhf_fast.demo import safety, task
 from rlhf_fast.data import write_jsonl
-from rlhf_fast.demo.run import sample_candidates, write_rankings
+from rlhf_fast.demo.labelling import sample_candidates, write_rankings
 from rlhf_fast.stages import rm, rounds, sft
 from rlhf_fast.tiny import build_tiny_model_dir
 

@@ -8,25 +8,21 @@
 then print, on held-out prompts, the oracle score, the reward model's score and the KL to the
 reference for SFT vs PPO, and write metrics, plots and demo_results.json under the output dir.
 """
-import argparse
 import json
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from rlhf_fast.data import encode_prompt, write_jsonl
 from rlhf_fast.demo import task
+from rlhf_fast.demo.labelling import decode_responses, sample_candidates, write_rankings
 from rlhf_fast.models.adapters import adapters_disabled
-from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import sample
 from rlhf_fast.stages import ppo, rm, sft
 from rlhf_fast.tiny import build_tiny_model_dir
-
-
-def decode_responses(tokenizer, rollout) -> list[str]:
-    return tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
 
 
 def make_sft_data(path: Path, n: int, rng: random.Random) -> Path:
@@ -34,30 +30,6 @@ def make_sft_data(path: Path, n: int, rng: random.Random) -> Path:
     for _ in range(n):
         prompt, topic = task.make_prompt(rng)
         records.append({"prompt": prompt, "response": task.demonstrate(topic, rng)})
-    return write_jsonl(path, records)
-
-
-def sample_candidates(model_dir: Path, prompts: list[str], k: int) -> list[tuple[str, list[str]]]:
-    """K samples per prompt from a saved model: [(prompt, responses)]."""
-    tokenizer = load_tokenizer(model_dir, padding_side="left")
-    model = load_causal_lm(model_dir)
-    candidates = []
-    for first in range(0, len(prompts), 16):
-        chunk = prompts[first:first + 16]
-        rollout = sample(model, tokenizer, [encode_prompt(tokenizer, p) for p in chunk],
-                         max_new_tokens=12, num_samples=k)
-        responses = [r if r.startswith(" ") else " " + r for r in decode_responses(tokenizer, rollout)]
-        candidates += [(p, responses[i * k:(i + 1) * k]) for i, p in enumerate(chunk)]
-    return candidates
-
-
-def write_rankings(path: Path, candidates, rank) -> Path:
-    """The labellers' rankings (best first, ties collapsed) of each prompt's non-empty candidates."""
-    records = []
-    for prompt, responses in candidates:
-        ranking = rank(prompt, [r for r in responses if r.strip()])
-        if len(ranking) >= 2:
-            records.append({"prompt": prompt, "responses": ranking})
     return write_jsonl(path, records)
 
 
@@ -70,8 +42,6 @@ def make_rankings(path: Path, model_dir: Path, num_prompts: int, k: int, rng: ra
 @torch.no_grad()
 def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bool, seed: int) -> dict:
     """Oracle score, reward-model score and KL to the reference on held-out prompts."""
-    from contextlib import nullcontext
-
     tokenizer, actor = trainer.tokenizer, trainer.actor
     rng = random.Random(seed)
     pool = [task.make_prompt(rng, held_out=True)[0] for _ in range(num_prompts)]
@@ -80,9 +50,8 @@ def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bo
     with policy_context:
         rollout = sample(actor.model, tokenizer, ids, max_new_tokens=trainer.config.max_new_tokens,
                          temperature=trainer.config.temperature, num_samples=samples_per_prompt)
-        hidden = actor.hidden(rollout.input_ids, rollout.attention_mask)
-        logprobs, _ = actor.logprobs(hidden, rollout.input_ids, rollout.response_mask,
-                                     temperature=trainer.config.temperature)
+        head, _ = actor(rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        logprobs, _ = actor.logprobs(head, temperature=trainer.config.temperature)
     ref = actor.reference_logprobs(rollout.input_ids, rollout.attention_mask, rollout.response_mask,
                                    temperature=trainer.config.temperature)
     scores = trainer.reward_model(rollout.input_ids, rollout.attention_mask)
@@ -146,21 +115,3 @@ def print_table(table: dict) -> None:
         print(f"{name:<8}{row['oracle']:>10.3f}{row['reward_model']:>10.3f}{row['kl_to_ref']:>11.3f}"
               f"{row['words']:>8.2f}   e.g. {row['example']!r}")
     print(f"wall time {table['wall_s']:.0f} s")
-
-
-def main(argv=None, prog="rlhf-fast demo") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/demo", help="where everything is written")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="fewer examples and PPO iterations")
-    parser.add_argument("--llama2", action="store_true",
-                        help="the longer Llama 2 version: a safety axis, two reward models, "
-                             "rejection-sampling rounds, then PPO")
-    args = parser.parse_args(argv)
-    if args.llama2:
-        from rlhf_fast.demo.llama2 import run_llama2_demo
-        run_llama2_demo(Path(args.output_dir), args.seed)
-    else:
-        run_demo(Path(args.output_dir), args.seed, quick=args.quick)
-    return 0

@@ -3,14 +3,13 @@ import contextlib
 import re
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 _ADAPTER_OF_PARAM = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)")
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules: str):
-    from peft import LoraConfig
-
     targets = target_modules if target_modules == "all-linear" else [m for m in target_modules.split(",") if m]
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                       task_type="CAUSAL_LM")
@@ -22,8 +21,6 @@ def add_lora(model: nn.Module, name: str, *, r: int, alpha: int, dropout: float 
 
     LoRA's B matrix starts at zero, so the new adapter leaves the outputs unchanged.
     """
-    from peft import PeftModel, get_peft_model
-
     config = lora_config(r, alpha, dropout, target_modules)
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
@@ -36,8 +33,6 @@ def add_lora(model: nn.Module, name: str, *, r: int, alpha: int, dropout: float 
 def load_lora(model: nn.Module, path, name: str, *, trainable: bool = False) -> nn.Module:
     """Load a saved adapter under `name` onto `model`, keeping the active adapter and every
     other adapter's trainable flags."""
-    from peft import PeftModel
-
     if not isinstance(model, PeftModel):
         return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
     active, flags = model.active_adapter, {n: p.requires_grad for n, p in model.named_parameters()}
@@ -94,8 +89,6 @@ def active_adapter(model: nn.Module, name: str | None):
 
 def merge_into_base(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights and drop the peft wrapper."""
-    from peft import PeftModel
-
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 

@@ -1,26 +1,15 @@
-"""Loading local Hugging Face model directories: device, dtype, attention, tokenizer padding."""
+"""Model directories in and out: load a local HF causal LM (device, dtype, attention), its tokenizer,
+a trainable copy (LoRA or full), and save a plain HF directory with adapters merged in."""
 import importlib.util
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" is bf16 on CUDA (where supported) and fp32 on the CPU."""
-    if dtype == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in choices:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(choices)} or 'auto'")
-    return choices[dtype]
+from rlhf_fast.checkpoint import atomic_directory
+from rlhf_fast.config import ConfigError
+from rlhf_fast.device import pick_device, pick_dtype
+from rlhf_fast.models.adapters import add_lora, load_lora, merge_into_base
 
 
 def pick_attention(attn: str, device: torch.device) -> str:
@@ -34,8 +23,6 @@ def pick_attention(attn: str, device: torch.device) -> str:
 
 def load_tokenizer(path, *, padding_side: str = "right", trust_remote_code: bool = False):
     """The model's tokenizer; a tokenizer without a pad token pads with its EOS token."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -47,8 +34,6 @@ def load_tokenizer(path, *, padding_side: str = "right", trust_remote_code: bool
 
 def load_causal_lm(path, *, device="auto", dtype="auto", attn="auto", trust_remote_code=False):
     """A local causal-LM directory on `device` in `dtype`; never reaches a hub."""
-    from transformers import AutoModelForCausalLM
-
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (only local directories load)")
     device = pick_device(device)
@@ -59,3 +44,36 @@ def load_causal_lm(path, *, device="auto", dtype="auto", attn="auto", trust_remo
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model.to(device)
+
+
+def load_trainable_lm(config, adapter_name: str, *, padding_side: str = "right"):
+    """(model, tokenizer, device): the base LM with a fresh LoRA adapter, or fully trainable when
+    lora_r=0. `config` is a training.TrainConfig (model, device, dtype and LoRA fields)."""
+    if not config.model:
+        raise ConfigError("model: set it to a local Hugging Face model directory")
+    device = pick_device(config.device)
+    tokenizer = load_tokenizer(config.model, padding_side=padding_side,
+                               trust_remote_code=config.trust_remote_code)
+    model = load_causal_lm(config.model, device=device, dtype=config.dtype,
+                           attn=config.attn_implementation, trust_remote_code=config.trust_remote_code)
+    if config.lora_r > 0:
+        model = add_lora(model, adapter_name, r=config.lora_r, alpha=config.lora_alpha,
+                         dropout=config.lora_dropout, target_modules=config.lora_target_modules)
+    else:
+        model.requires_grad_(True)
+    return model, tokenizer, device
+
+
+def save_model_dir(model, tokenizer, path) -> None:
+    """A plain HF model directory (adapters merged) that the next stage loads like any model."""
+    with atomic_directory(path) as tmp:
+        merge_into_base(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def merge_saved_adapter(base_dir, adapter_dir, output_dir, *, device="auto", dtype="auto"):
+    """Base model + a saved LoRA adapter -> a plain HF directory with the adapter merged in."""
+    model = load_lora(load_causal_lm(base_dir, device=device, dtype=dtype), adapter_dir, "merged")
+    model.set_adapter("merged")
+    save_model_dir(model, load_tokenizer(base_dir), output_dir)
+    return output_dir

@@ -6,8 +6,11 @@ module itself is never called, so the (B, T, V) logits are never made.
 """
 import torch
 
+from rlhf_fast.device import check_same_device
 from rlhf_fast.kernels import token_logprobs
-from rlhf_fast.models.trunk import fusable_head, last_hidden
+from rlhf_fast.models.trunk import fusable_head, last_hidden, packed_hidden
+
+IGNORE_INDEX = -100
 
 
 def counted_positions(attention_mask, response_start=None):
@@ -25,6 +28,12 @@ def counted_positions(attention_mask, response_start=None):
     return counted
 
 
+def next_token_targets(input_ids, counted):
+    """The target layout every per-token quantity uses: (B, T-1) with entry t = input_ids[:, t+1]
+    where `counted` (B, T-1) is nonzero, IGNORE_INDEX elsewhere (what the fused head skips)."""
+    return input_ids[:, 1:].masked_fill(counted == 0, IGNORE_INDEX)
+
+
 def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, temperature=1.0,
                       return_entropy=False):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for a causal LM, through the fused LM head.
@@ -39,6 +48,7 @@ def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, 
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"sequence_logprobs: input_ids and attention_mask must both be (B, T), got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    check_same_device("sequence_logprobs", model, input_ids=input_ids, attention_mask=attention_mask)
     head = fusable_head(model)
     hidden = last_hidden(model, input_ids, attention_mask)
 
@@ -52,3 +62,18 @@ def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, 
     if entropy is not None:
         entropy = zeros.masked_scatter(counted, entropy)
     return logprobs, entropy
+
+
+def response_nll(model, input_ids, attention_mask, response_start):
+    """Summed negative log-likelihood of the response tokens (prompt and padding give 0)."""
+    logprobs, _ = sequence_logprobs(model, input_ids, attention_mask, response_start=response_start)
+    return -logprobs.sum()
+
+
+def packed_response_nll(model, input_ids, position_ids, targets):
+    """Summed negative log-likelihood of the response tokens of packed rows (batching.collate_packed)."""
+    check_same_device("packed_response_nll", model, input_ids=input_ids, targets=targets)
+    head = fusable_head(model)
+    hidden = packed_hidden(model, input_ids, position_ids)
+    logprobs, _ = token_logprobs(hidden[:, :-1], head.weight, targets, bias=head.bias)
+    return -logprobs.sum()

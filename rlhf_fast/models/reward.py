@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_fast.models.adapters import active_adapter
+from rlhf_fast.models.adapters import active_adapter, load_lora
 from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.loading import load_causal_lm
 from rlhf_fast.models.trunk import last_hidden, last_token_index, unwrap_peft
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "head.safetensors"
@@ -49,9 +50,6 @@ class RewardModel(nn.Module):
 def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name: str = "reward",
                       device="cpu", dtype="auto", attn="auto") -> RewardModel:
     """A saved reward model: its adapter onto `shared_trunk` (no second copy), or its own weights."""
-    from rlhf_fast.models.adapters import load_lora
-    from rlhf_fast.models.loading import load_causal_lm
-
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():

@@ -9,18 +9,32 @@
 """
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from rlhf_fast.device import autocast, check_same_device, module_device
 from rlhf_fast.kernels import token_logprobs
 from rlhf_fast.models.adapters import active_adapter, adapters_disabled
 from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.logprobs import next_token_targets
 from rlhf_fast.models.trunk import fusable_head, last_hidden, lm_head_of
 
 
 VALUE_MODES = ("head", "shared", "adapter")
 VALUE_ADAPTER = "value"
+
+
+@dataclass
+class HeadInputs:
+    """What a fused LM-head loss takes (token_logprobs, linear_ppo_loss), on the [B, L-1] target
+    frame: column t holds the trunk's state before token t + 1 and that token as the target."""
+
+    hidden: torch.Tensor        # [B, L-1, D]
+    weight: torch.Tensor        # [V, D], the LM head
+    bias: torch.Tensor | None   # [V] or None
+    targets: torch.Tensor       # [B, L-1], IGNORE_INDEX off the response
 
 
 class ActorCritic(nn.Module):
@@ -49,12 +63,20 @@ class ActorCritic(nn.Module):
             reference.to("cpu")
         return cls(model, value_head, reference=reference, value_mode=value_mode)
 
-    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
-        return last_hidden(self.model, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, response_mask) -> tuple[HeadInputs, torch.Tensor]:
+        """(the policy's head inputs, V(s_t) [B, L-1]) for a batch of sequences: all a PPO update
+        needs from the network, so the update never reaches into it (cleanrl's get_action_and_value).
 
-    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_ids, attention_mask [B, L]; response_mask [B, L-1] marks the response targets. The
+        trunk runs in the weights' dtype under autocast on CUDA; the heads' losses run outside it.
+        """
+        check_same_device("ActorCritic", self.model, input_ids=input_ids, attention_mask=attention_mask,
+                          response_mask=response_mask)
+        with autocast(module_device(self.model), next(self.model.parameters()).dtype):
+            hidden = last_hidden(self.model, input_ids, attention_mask)
         head = lm_head_of(self.model)
-        return head.weight, head.bias
+        inputs = HeadInputs(hidden[:, :-1], head.weight, head.bias, next_token_targets(input_ids, response_mask))
+        return inputs, self.values(hidden, input_ids, attention_mask)
 
     def values(self, hidden: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
         """V(s_t) for the [B, L-1] target frame: the state before token t + 1.
@@ -69,12 +91,11 @@ class ActorCritic(nn.Module):
             hidden = hidden.detach()
         return self.value_head(hidden[:, :-1])
 
-    def logprobs(self, hidden, input_ids, response_mask, *, temperature: float, return_entropy=False):
+    @staticmethod
+    def logprobs(inputs: HeadInputs, *, temperature: float, return_entropy=False):
         """log pi(token t+1) on the [B, L-1] frame through the fused head; 0 off the response."""
-        weight, bias = self.head_weight()
-        targets = input_ids[:, 1:].masked_fill(response_mask == 0, -100)
-        return token_logprobs(hidden[:, :-1], weight, targets, bias=bias, temperature=temperature,
-                              return_entropy=return_entropy)
+        return token_logprobs(inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias,
+                              temperature=temperature, return_entropy=return_entropy)
 
     @contextlib.contextmanager
     def as_reference(self):
@@ -87,11 +108,14 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_mask, *, temperature: float):
+        """The reference's log pi_ref(token t+1) [B, L-1] on input_ids' device; an offloaded
+        reference (full fine-tuning) computes them on its own device."""
         with self.as_reference() as reference:
-            device = next(reference.parameters()).device
-            hidden = last_hidden(reference, input_ids.to(device), attention_mask.to(device))
+            device = module_device(reference)
+            with autocast(device, next(reference.parameters()).dtype):
+                hidden = last_hidden(reference, input_ids.to(device), attention_mask.to(device))
             head = lm_head_of(reference)
-            targets = input_ids[:, 1:].to(device).masked_fill(response_mask.to(device) == 0, -100)
+            targets = next_token_targets(input_ids.to(device), response_mask.to(device))
             logprobs, _ = token_logprobs(hidden[:, :-1], head.weight, targets, bias=head.bias,
                                          temperature=temperature)
         return logprobs.to(input_ids.device)

@@ -1,4 +1,4 @@
-"""`rlhf-fast generate --best-of N`: best-of-N sampling at inference with any reward model(s).
+"""`rlhf-fast generate --best_of N`: best-of-N sampling at inference with any reward model(s).
 
 Draws N responses per prompt from a model directory, scores them with the reward model(s) (combined
 as in PPO), and writes each prompt's best, with its reward, and every candidate to JSONL.
@@ -6,24 +6,23 @@ as in PPO), and writes each prompt's best, with its reward, and every candidate 
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_fast.candidates import sample_and_score, select_best
 from rlhf_fast.config import ConfigError, option
-from rlhf_fast.models.loading import pick_device
-from rlhf_fast.stages.common import RewardConfig, seed_everything
 from rlhf_fast.data import write_jsonl
-from rlhf_fast.stages.rs import sample_and_score, select_best
+from rlhf_fast.device import pick_device
+from rlhf_fast.rewards import RewardConfig
+from rlhf_fast.rollout import SamplingConfig
+from rlhf_fast.seeding import seed_everything
 
 
 @dataclass
-class GenerateConfig(RewardConfig):
+class GenerateConfig(RewardConfig, SamplingConfig):
     """Best-of-N responses to {"prompt"} JSONL lines."""
 
     model: str = option("", "local Hugging Face model directory to sample from")
     prompts: str = option("", "prompt JSONL file")
     output: str = option("generations.jsonl", "where each prompt's best response goes (candidates: *.all.jsonl)")
     best_of: int = option(4, "N: samples drawn per prompt, the best kept")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = option(64, "response budget")
     batch_size: int = option(8, "prompts per generate call")
     seed: int = option(0, "sampling seed")
     device: str = option("auto", "'auto', 'cuda' or 'cpu'")
@@ -32,6 +31,7 @@ class GenerateConfig(RewardConfig):
 
     def __post_init__(self):
         self.check_rewards()
+        self.check_sampling()
         if not self.model or not self.prompts:
             raise ConfigError("generate needs model and prompts")
         if self.best_of < 1:

@@ -14,24 +14,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from rlhf_fast import data, kernels, rewards
+from rlhf_fast.batching import collate
 from rlhf_fast.config import ConfigError, check_divides, option
+from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
-from rlhf_fast.metrics import MetricsLogger
-from rlhf_fast.models.heads import ScalarHead
-from rlhf_fast.models.reward import HEAD_FILE, load_reward_models
 from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
+from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.loading import load_trainable_lm
+from rlhf_fast.models.logprobs import response_nll
+from rlhf_fast.models.reward import HEAD_FILE, load_reward_models
 from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
-from rlhf_fast.rollout import Rollout, sample
-from rlhf_fast.stages import runstate
-from rlhf_fast.stages.common import (RewardConfig, TrainConfig, autocast, build_optimizer, clip_and_step,
-                                     load_trainable_lm, seed_everything)
+from rlhf_fast.rewards import RewardConfig
+from rlhf_fast.rollout import Rollout, SamplingConfig, sample_with
+from rlhf_fast.seeding import seed_everything
+from rlhf_fast.training.config import TrainConfig
+from rlhf_fast.training.loop import run_steps
+from rlhf_fast.training.optim import build_optimizer, clip_and_step
 
 
 @dataclass
-class PPOConfig(RewardConfig, TrainConfig):
+class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     """PPO on {"prompt"} JSONL against a reward model saved by `rlhf-fast rm`."""
 
     prompts: str = option("", "prompt JSONL file")
@@ -39,8 +43,6 @@ class PPOConfig(RewardConfig, TrainConfig):
     mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch")
     ppo_epochs: int = option(2, "passes over each rollout batch")
     max_new_tokens: int = option(32, "response budget per rollout")
-    temperature: float = option(1.0, "sampling temperature, applied the same way in training")
-    top_p: float = option(1.0, "nucleus sampling threshold at rollout")
     clip_low: float = option(0.2, "PPO ratio clip below 1")
     clip_high: float = option(0.2, "PPO ratio clip above 1")
     value_clip: float = option(0.2, "value-function clip around the old values")
@@ -68,13 +70,14 @@ class PPOConfig(RewardConfig, TrainConfig):
         super().__post_init__()
         check_divides(self.batch_size, self.mini_batch_size, "batch_size / mini_batch_size")
         check_divides(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ConfigError(f"kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
+        if self.kl_estimator not in kernels.kl.ESTIMATORS:
+            raise ConfigError(f"kl_estimator must be one of {kernels.kl.ESTIMATORS}, got {self.kl_estimator!r}")
         if self.value_mode not in VALUE_MODES:
             raise ConfigError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
         if self.value_mode == "adapter" and self.lora_r == 0:
             raise ConfigError("value_mode 'adapter' needs a LoRA policy (lora_r > 0)")
         self.check_rewards()
+        self.check_sampling()
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
 
@@ -145,7 +148,6 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.rng = random.Random(config.seed)
-        self.dtype = next(model.parameters()).dtype
 
     def _encode_prompts(self, records) -> list[list[int]]:
         """Prompt ids; a prompt that leaves no room for max_new_tokens is an error naming its line."""
@@ -196,23 +198,15 @@ class PPOTrainer:
     def rollout(self) -> tuple[Rollout, torch.Tensor]:
         """Sampled responses to a random batch of prompts, and which of those prompts are safety-tagged."""
         picks = [self.rng.randrange(len(self.prompts)) for _ in range(self.config.batch_size)]
-        rollout = sample(self.actor.model, self.tokenizer, [self.prompts[i] for i in picks],
-                         max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-                         top_p=self.config.top_p)
+        rollout = sample_with(self.actor.model, self.tokenizer, [self.prompts[i] for i in picks], self.config)
         return rollout, torch.tensor([self.safety_prompts[i] for i in picks], device=self.device)
 
     # 2. score
     @torch.no_grad()
     def score(self, rollout: Rollout, safety_prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(scores used for training, {reward model name: raw scores} plus "combined")."""
-        raw = {name: model(rollout.input_ids, rollout.attention_mask).float()
-               for name, model in self.reward_models.items()}
-        if len(raw) == 1:
-            combined = next(iter(raw.values()))
-        else:
-            combined = rewards.combine(raw, self.config.reward_combination, safety_prompt=safety_prompt,
-                                       weights=self.config.reward_weights or None,
-                                       threshold=self.config.safety_threshold)
+        combined, raw = rewards.score(self.reward_models, rollout.input_ids, rollout.attention_mask, self.config,
+                                      safety_prompt=safety_prompt)
         raw["combined"] = combined
         scores = combined - self.config.missing_eos_penalty * (~rollout.ended_with_eos).float()
         if self.config.normalize_scores:
@@ -225,16 +219,15 @@ class PPOTrainer:
     # 3. experience
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
+        """Old log-probs and values of the policy, and the reference's log-probs, micro-batch by micro-batch."""
         temperature = self.config.temperature
         old_logprobs, ref_logprobs, old_values = [], [], []
         for micro in self._micro_slices(rollout.input_ids.shape[0]):
             ids, mask, resp = rollout.input_ids[micro], rollout.attention_mask[micro], rollout.response_mask[micro]
-            with autocast(self.device, self.dtype):
-                hidden = self.actor.hidden(ids, mask)
-                ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
-            logprobs, _ = self.actor.logprobs(hidden, ids, resp, temperature=temperature)
-            old_logprobs.append(logprobs)
-            old_values.append(self.actor.values(hidden, ids, mask) * resp)
+            head, values = self.actor(ids, mask, resp)
+            ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
+            old_logprobs.append(self.actor.logprobs(head, temperature=temperature)[0])
+            old_values.append(values * resp)
         return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
                           torch.cat(old_values))
 
@@ -271,15 +264,11 @@ class PPOTrainer:
             mask = r.response_mask[rows]
             # micro-batch losses are token-means; weight by token share so the sum is the minibatch's
             share = mask.sum() / tokens
-            with autocast(self.device, self.dtype):
-                hidden = self.actor.hidden(r.input_ids[rows], r.attention_mask[rows])
-            weight, bias = self.actor.head_weight()
-            targets = r.input_ids[rows, 1:].masked_fill(mask == 0, -100)
+            head, values = self.actor(r.input_ids[rows], r.attention_mask[rows], mask)
             policy_loss, policy_stats = kernels.linear_ppo_loss(
-                hidden[:, :-1], weight, targets, exp.old_logprobs[rows], exp.advantages[rows], mask,
-                bias=bias, clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
+                head.hidden, head.weight, head.targets, exp.old_logprobs[rows], exp.advantages[rows], mask,
+                bias=head.bias, clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
                 temperature=c.temperature)
-            values = self.actor.values(hidden, r.input_ids[rows], r.attention_mask[rows])
             v_loss, value_stats = kernels.value_loss(values, exp.old_values[rows],
                                                      exp.returns[rows], mask, clip=c.value_clip)
             loss = (policy_loss + c.vf_coef * v_loss) * share
@@ -295,11 +284,9 @@ class PPOTrainer:
 
     def _ptx_backward(self) -> float:
         """InstructGPT's PPO-ptx: gamma x NLL of a pretraining/SFT batch, mixed into the update."""
-        from rlhf_fast.stages.sft import collate, response_nll
-
         batch = [self.ptx[self.rng.randrange(len(self.ptx))] for _ in range(self.config.micro_batch_size)]
         input_ids, attention_mask, starts = collate(batch, self.tokenizer.pad_token_id, self.device)
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, next(self.actor.model.parameters()).dtype):
             nll = response_nll(self.actor.model, input_ids, attention_mask, starts)
         count = sum(len(e.input_ids) - e.response_start for e in batch)
         (self.config.ptx_coef * nll / count).backward()
@@ -325,38 +312,31 @@ class PPOTrainer:
         return {"reward/score_mean": raw["combined"].mean().item(), "reward/score_std": raw["combined"].std().item(),
                 **per_model,
                 "ppo/kl": kl_per_seq.mean().item(), "ppo/kl_coef": beta,
-                "ppo/response_length": rollout.response_lengths.float().mean().item(), **stats}
+                "ppo/response_length": rollout.response_lengths.float().mean().item(),
+                "perf/tokens": rollout.response_lengths.sum().item(), **stats}
 
     def modules(self) -> dict:
         return {"policy": self.actor}
 
+    def stage_state(self) -> dict:
+        """What a checkpoint keeps beside the weights and optimiser: the KL coefficient and the run's draws."""
+        return {"kl_coef": self.kl_ctl.beta, "rng": self.rng.getstate()}
+
+    def load_stage_state(self, state: dict) -> None:
+        self.kl_ctl.beta = state.get("kl_coef", self.kl_ctl.beta)
+        if "rng" in state:
+            self.rng.setstate(state["rng"])
+
     def train(self) -> Path:
         c = self.config
-        output = Path(c.output_dir)
         print(format_ledger(memory_ledger(self.actor.model, [self.actor.value_head],
                                           generation_batch=c.batch_size, micro_batch=c.micro_batch_size,
                                           seq_len=c.max_length)))
-        start = 0
-        if c.resume:
-            start, extra = runstate.resume(output / "checkpoints", self.modules(), self.optimizer, self.scheduler)
-            self.kl_ctl.beta = extra.get("kl_coef", self.kl_ctl.beta)
-            if "rng" in extra:
-                self.rng.setstate(_tuple_state(extra["rng"]))
-        logger = MetricsLogger(output)
-        for iteration in tqdm(range(start, c.iterations), desc="ppo", initial=start, total=c.iterations):
-            begin = _clock()
-            stats = self.step()
-            elapsed = _clock() - begin
-            tokens = stats["ppo/response_length"] * c.batch_size
-            stats.update({"perf/tokens_per_s": tokens / elapsed, "perf/step_s": elapsed,
-                          "mem/peak_gb": peak_memory_gb(self.device)})
-            if (iteration + 1) % c.log_every == 0 or iteration + 1 == c.iterations:
-                logger.log(iteration + 1, stats)
-            if c.save_every and (iteration + 1) % c.save_every == 0 and iteration + 1 < c.iterations:
-                runstate.save(output / "checkpoints", iteration + 1, self.modules(), self.optimizer,
-                              self.scheduler, extra={"kl_coef": self.kl_ctl.beta, "rng": self.rng.getstate()})
+        logger = run_steps(c, "ppo", lambda iteration: self.step(), num_steps=c.iterations,
+                           modules=self.modules(), optimizer=self.optimizer, scheduler=self.scheduler,
+                           device=self.device, stage_state=self.stage_state, load_stage_state=self.load_stage_state)
         logger.close()
-        return self.save(output)
+        return self.save(Path(c.output_dir))
 
     def save(self, output: Path) -> Path:
         policy_dir = output / "policy"
@@ -372,16 +352,6 @@ class PPOTrainer:
 
         print(f"ppo: policy written to {policy_dir}; peak memory {peak_memory_gb(self.device):.2f} GB")
         return policy_dir
-
-
-def _clock() -> float:
-    import time
-    return time.perf_counter()
-
-
-def _tuple_state(state):
-    """JSON turns random.getstate()'s tuples into lists; make them tuples again."""
-    return tuple(_tuple_state(s) if isinstance(s, list) else s for s in state)
 
 
 def run(config: PPOConfig) -> Path:

@@ -15,12 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast import data
+from rlhf_fast.batching import batch_indices
 from rlhf_fast.config import ConfigError, option
+from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger
 from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.loading import load_trainable_lm
 from rlhf_fast.models.reward import RewardModel
-from rlhf_fast.stages.common import (TrainConfig, autocast, batch_indices, build_optimizer,
-                                     load_trainable_lm, run_steps, seed_everything, total_steps)
+from rlhf_fast.seeding import seed_everything
+from rlhf_fast.training.config import TrainConfig
+from rlhf_fast.training.loop import run_steps
+from rlhf_fast.training.optim import build_optimizer, clip_and_step, total_steps
 
 
 @dataclass
@@ -116,10 +121,11 @@ def run(config: RMConfig) -> Path:
             (loss / total_weight).backward()
             loss_sum += loss.item()
             correct += (chosen > rejected).sum().item()
-        return {"rm/loss": loss_sum / total_weight, "rm/accuracy": correct / len(batch)}
+        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
+        return {"rm/loss": loss_sum / total_weight, "rm/accuracy": correct / len(batch), "rm/grad_norm": grad_norm}
 
     logger = run_steps(config, "rm", train_step, num_steps=num_steps, modules={"reward": reward_model},
-                       params=params, optimizer=optimizer, scheduler=scheduler, device=device)
+                       optimizer=optimizer, scheduler=scheduler, device=device)
     reward_model.eval()
     metrics = evaluate(reward_model, held_out, tokenizer.pad_token_id, device, config.micro_batch_size)
     logger.log(num_steps, metrics)

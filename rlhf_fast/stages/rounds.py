@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_fast.config import ConfigError, build_config, option
+from rlhf_fast.models.loading import merge_saved_adapter
+from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.stages import ppo, rm, rs
-from rlhf_fast.stages.common import RewardConfig, merge_saved_adapter
 
 STEPS = ("rm", "rs", "ppo")
 

@@ -1,0 +1,77 @@
+"""Supervised fine-tuning on (prompt, response) examples: SFT's training, which rejection
+sampling reuses on its keepers.
+
+The loss is the mean negative log-likelihood of the response tokens only (the prompt is
+context, not a target), computed through the fused head: the trunk's hidden states and the LM
+head's weight go to `token_logprobs`, so the [tokens x vocab] logits never exist.
+Output: <output_dir>/model, a plain HF directory with the adapter merged in.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_fast import data
+from rlhf_fast.batching import batch_indices, collate, collate_packed, encode_examples, pack
+from rlhf_fast.config import option
+from rlhf_fast.device import autocast
+from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
+from rlhf_fast.models.loading import load_trainable_lm, save_model_dir
+from rlhf_fast.models.logprobs import packed_response_nll, response_nll
+from rlhf_fast.seeding import seed_everything
+from rlhf_fast.training.config import TrainConfig
+from rlhf_fast.training.loop import run_steps
+from rlhf_fast.training.optim import build_optimizer, clip_and_step, total_steps
+
+
+@dataclass
+class SupervisedConfig(TrainConfig):
+    """Supervised fine-tuning on {"prompt", "response"} or {"messages"} JSONL."""
+
+    data: str = option("", "SFT JSONL file")
+    packing: bool = option(False, "pack examples into rows of max_length tokens (attention stays inside "
+                                  "each example) instead of padding each one")
+
+
+def train_supervised(config: SupervisedConfig) -> Path:
+    """Fine-tune config.model on config.data; returns the merged model directory."""
+    seed_everything(config.seed)
+    output = Path(config.output_dir)
+    model, tokenizer, device = load_trainable_lm(config, "sft")
+    examples = data.load_sft(config.data, tokenizer)
+    encoded = encode_examples(examples, tokenizer, config.max_length)
+    if config.packing:
+        rows = pack(encoded, config.max_length)
+        print(f"sft: {len(encoded)} examples packed into {len(rows)} rows of <= {config.max_length} tokens")
+        encoded = rows  # a "batch" is now of packed rows
+    num_steps = total_steps(config, len(encoded))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, config, num_steps)
+    print(format_ledger(memory_ledger(model, micro_batch=config.micro_batch_size, seq_len=config.max_length)))
+
+    dtype = next(model.parameters()).dtype
+    model.train()
+
+    def train_step(step: int) -> dict:
+        batch = [encoded[i] for i in batch_indices(len(encoded), config.batch_size, config.seed, step)]
+        # normalise by the response tokens of the whole batch, so accumulation equals one big batch
+        examples_in_batch = [e for row in batch for e in row] if config.packing else batch
+        batch_tokens = sum(len(e.input_ids) - e.response_start for e in examples_in_batch)
+        total_nll = 0.0
+        for first in range(0, len(batch), config.micro_batch_size):
+            micro = batch[first:first + config.micro_batch_size]
+            with autocast(device, dtype):
+                if config.packing:
+                    nll = packed_response_nll(model, *collate_packed(micro, tokenizer.pad_token_id, device))
+                else:
+                    nll = response_nll(model, *collate(micro, tokenizer.pad_token_id, device))
+            (nll / batch_tokens).backward()
+            total_nll += nll.item()
+        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
+        return {"sft/loss": total_nll / batch_tokens, "sft/grad_norm": grad_norm}
+
+    logger = run_steps(config, "sft", train_step, num_steps=num_steps, modules={"policy": model},
+                       optimizer=optimizer, scheduler=scheduler, device=device)
+    logger.close()
+    model_dir = output / "model"
+    save_model_dir(model, tokenizer, model_dir)
+    print(f"sft: model written to {model_dir}; peak memory {peak_memory_gb(device):.2f} GB")
+    return model_dir
