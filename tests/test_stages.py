@@ -431,3 +431,38 @@ def test_the_labeller_ranks_the_current_policys_samples_for_a_refresh(tiny_model
     assert calls == [(out / "round-1" / "rs" / "sft" / "model", out / "round-2")]
     config = json.loads((out / "round-2" / "rm-helpful" / "reward" / "reward_config.json").read_text())
     assert config["base"] == str(tiny_model_dir)
+
+
+def test_ppo_resume_continues_exactly(tiny_model_dir, tmp_path):
+    """The run's generator (prompt picks, minibatch order), the KL coefficient and the global RNGs
+    (sampling) come back from a checkpoint: 2 iterations + resume + 2 equal 4 straight."""
+    reward_dir, _ = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=0)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(5)])
+    common = dict(model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts), lora_r=4,
+                  iterations=4, batch_size=4, mini_batch_size=2, micro_batch_size=2, max_new_tokens=3,
+                  max_length=16, save_every=2, target_kl=0.01, learning_rate=1e-2)
+    straight = tmp_path / "straight"
+    ppo.run(ppo.PPOConfig(output_dir=str(straight), **common))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    torch.manual_seed(1234)  # a new process starts from other RNG states
+    ppo.run(ppo.PPOConfig(output_dir=str(resumed), resume=True, **common))
+    a = load_file(straight / "policy" / "adapter" / "policy" / "adapter_model.safetensors")
+    b = load_file(resumed / "policy" / "adapter" / "policy" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("ppo/kl_coef", "reward/score_mean", "ppo/policy_loss"):
+        assert final_loss(straight, key)[2:] == final_loss(resumed, key), key
+
+
+def test_inputs_on_another_device_than_the_model_name_both(tiny_model_dir):
+    """Not an index_select traceback from inside the embedding: a message with both devices."""
+    from rlhf_fast.models import sequence_logprobs
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    ids, attention, response = (t.to("meta") for t in sequences(tokenizer))
+    expected = rf"input_ids is on meta but the model is on {DEVICE.type}"
+    with pytest.raises(ValueError, match=expected):
+        sequence_logprobs(fp32_model(tiny_model_dir), ids, attention)
+    with pytest.raises(ValueError, match=expected):
+        perturbed_policy(tiny_model_dir)(ids, attention, response)

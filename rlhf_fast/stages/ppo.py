@@ -9,7 +9,6 @@ Each iteration:
                           states (fused head, no logits) + clipped value loss (+ PPO-ptx);
   6. the KL controller adapts beta toward a target KL (Ziegler et al., 2019), if asked.
 """
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from rlhf_fast.models.reward import HEAD_FILE, load_reward_models
 from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import Rollout, SamplingConfig, sample_with
-from rlhf_fast.seeding import seed_everything
+from rlhf_fast.seeding import run_generator, seed_everything
 from rlhf_fast.training.config import TrainConfig
 from rlhf_fast.training.loop import run_steps
 from rlhf_fast.training.optim import build_optimizer, clip_and_step
@@ -147,7 +146,7 @@ class PPOTrainer:
         self.optimizer, self.scheduler = build_optimizer(self.params, config, self._num_updates())
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
-        self.rng = random.Random(config.seed)
+        self.generator = run_generator(config.seed)  # prompt picks, minibatch order, ptx batches
 
     def _encode_prompts(self, records) -> list[list[int]]:
         """Prompt ids; a prompt that leaves no room for max_new_tokens is an error naming its line."""
@@ -197,7 +196,7 @@ class PPOTrainer:
     # 1. rollout
     def rollout(self) -> tuple[Rollout, torch.Tensor]:
         """Sampled responses to a random batch of prompts, and which of those prompts are safety-tagged."""
-        picks = [self.rng.randrange(len(self.prompts)) for _ in range(self.config.batch_size)]
+        picks = self._draw(len(self.prompts), self.config.batch_size)
         rollout = sample_with(self.actor.model, self.tokenizer, [self.prompts[i] for i in picks], self.config)
         return rollout, torch.tensor([self.safety_prompts[i] for i in picks], device=self.device)
 
@@ -245,7 +244,7 @@ class PPOTrainer:
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(c.ppo_epochs):
-            order = torch.randperm(c.batch_size).tolist()
+            order = torch.randperm(c.batch_size, generator=self.generator).tolist()
             for first in range(0, c.batch_size, c.mini_batch_size):
                 minibatch = order[first:first + c.mini_batch_size]
                 stats = self._update(exp, minibatch)
@@ -284,13 +283,17 @@ class PPOTrainer:
 
     def _ptx_backward(self) -> float:
         """InstructGPT's PPO-ptx: gamma x NLL of a pretraining/SFT batch, mixed into the update."""
-        batch = [self.ptx[self.rng.randrange(len(self.ptx))] for _ in range(self.config.micro_batch_size)]
+        batch = [self.ptx[i] for i in self._draw(len(self.ptx), self.config.micro_batch_size)]
         input_ids, attention_mask, starts = collate(batch, self.tokenizer.pad_token_id, self.device)
         with autocast(self.device, next(self.actor.model.parameters()).dtype):
             nll = response_nll(self.actor.model, input_ids, attention_mask, starts)
         count = sum(len(e.input_ids) - e.response_start for e in batch)
         (self.config.ptx_coef * nll / count).backward()
         return nll.item() / count
+
+    def _draw(self, population: int, count: int) -> list[int]:
+        """`count` indices drawn with replacement from range(population) by the run's generator."""
+        return torch.randint(population, (count,), generator=self.generator).tolist()
 
     def _micro_slices(self, rows: int):
         for first in range(0, rows, self.config.micro_batch_size):
@@ -320,12 +323,11 @@ class PPOTrainer:
 
     def stage_state(self) -> dict:
         """What a checkpoint keeps beside the weights and optimiser: the KL coefficient and the run's draws."""
-        return {"kl_coef": self.kl_ctl.beta, "rng": self.rng.getstate()}
+        return {"kl_coef": self.kl_ctl.beta, "generator": self.generator.get_state()}
 
     def load_stage_state(self, state: dict) -> None:
-        self.kl_ctl.beta = state.get("kl_coef", self.kl_ctl.beta)
-        if "rng" in state:
-            self.rng.setstate(state["rng"])
+        self.kl_ctl.beta = state["kl_coef"]
+        self.generator.set_state(state["generator"])
 
     def train(self) -> Path:
         c = self.config
