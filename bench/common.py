@@ -68,8 +68,19 @@ def time_ms(fn, device: str, warmup: int = 3, rep: int = 10) -> tuple[float, flo
     return statistics.median(samples), q[1], q[7]
 
 
+# What a CUDA "peak_mb" counts, recorded in each GPU results file so that figures are compared only
+# with figures that count the same thing (bench/targets.py checks it).
+CUDA_PEAK_BASIS = ("max_memory_allocated during one call above the memory allocated before it, with the "
+                   "inputs and the previous call's gradients held: the memory an op needs beyond its "
+                   "inputs and outputs")
+
+
 def cuda_peak_mb(fn, device: str) -> float:
-    """Peak memory allocated during fn() above what was allocated before it, in MB."""
+    """Peak memory allocated during fn() above what was allocated before it, in MB.
+
+    Call it after fn has run once with its gradients left on persistent leaf tensors (which fn
+    clears, then refills): the figure is then CUDA_PEAK_BASIS, the op's own extra memory.
+    """
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from bench.common import time_ms, write_results
-from rlhf_fast.kernels import _gae_torch, advantages, gae, native, reference
+from rlhf_fast.kernels import advantages, gae, native, reference
 
 SHAPE = (512, 4096)
 GAMMA, LAM = 1.0, 0.95
@@ -56,8 +56,7 @@ def providers(device, with_compile):
     table = {"python loop (TRL)": lambda r, v, m: trl_loop(r, v, m.float()),
              "torch (ours, vectorised)": run("torch")}
     if with_compile:
-        compiled = torch.compile(_gae_torch.gae)
-        table["torch.compile (torch path)"] = lambda r, v, m: compiled(r, v, m, GAMMA, LAM)
+        table["torch.compile (torch path)"] = torch.compile(run("torch"))
     if device.startswith("cuda"):
         table["ours (triton)"] = run("triton")
     elif native.available():
@@ -156,7 +155,7 @@ def main(argv=None):
                          "status": "not run: opt-in on CPU (--compile), ~100 s compile"})
         rows += not_run_rows()
     path = write_results("gae", device, rows, shape={"B": SHAPE[0], "T": SHAPE[1]}, gamma=GAMMA, lam=LAM,
-                         threads=torch.get_num_threads(), copy_gbs=ceiling,
+                         threads=torch.get_num_threads(), copy_gbs=ceiling, bytes_per_token=BYTES_PER_TOKEN,
                          rate_formula="B*T*(4 + 4 + 1 + 4 + 4) bytes (read r, V, mask; write A, R) / median")
     for row in rows:
         print(row)

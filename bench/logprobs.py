@@ -8,12 +8,17 @@ Each provider's log-probs and gradients are checked against ours before it is ti
 
 Rates: TFLOP/s = k x 2 N D V / time, k = 1 GEMM for fwd, 3 for fwd+bwd (the useful work; ours
 recomputes the logits in the backward, a 4th GEMM not counted). Peak memory: on CUDA,
-max_memory_allocated above the inputs; on CPU, the peak RSS (VmHWM) of a fresh subprocess per provider above
-its own baseline taken after the inputs are allocated (VmHWM, reset before the step).
+bench.common.cuda_peak_mb (above the inputs and the gradients, which each call replaces); on CPU,
+the peak RSS (VmHWM) of a fresh subprocess per provider above its own baseline taken after the
+inputs are allocated (VmHWM, reset before the step).
 
     .venv/bin/python -m bench.logprobs [--device cpu|cuda] [--quick] [--entropy]
+
+--quick: fewer repeats; on CUDA the DESIGN.md target shape (N=8192, D=4096, V=128256) alone.
+--entropy: also the modes "fwd +entropy" and "fwd+bwd +entropy" (entropy returned and in the loss).
 """
 import argparse
+import importlib.metadata
 import json
 import statistics
 import os
@@ -23,13 +28,16 @@ from pathlib import Path
 
 import torch
 
-from bench.common import cuda_peak_mb, time_ms, write_results
+from bench.common import CUDA_PEAK_BASIS, cuda_peak_mb, time_ms, write_results
 from rlhf_fast.kernels import token_logprobs
 
-GPU_SHAPES = [(n, 4096, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
+TARGET_SHAPE = (8192, 4096, 128256)  # DESIGN.md's speed targets are stated at this shape
+GPU_SHAPES = [TARGET_SHAPE] + [(n, 4096, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
 CPU_SHAPE = (4096, 512, 32000)
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("eager", "torch.compile", "liger", "cut-cross-entropy", "ours", "cublas-floor")
+# provider -> (its import name, its distribution name)
+PEERS = {"liger": ("liger_kernel", "liger-kernel"), "cut-cross-entropy": ("cut_cross_entropy", "cut-cross-entropy")}
 
 
 def eager(hidden, weight, targets, entropy=False):
@@ -71,9 +79,24 @@ def provider_fn(name, device, entropy):
         return None, "no entropy output"
     try:
         fn = liger() if name == "liger" else cut_cross_entropy()
-    except ImportError:
-        return None, "not installed"
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] == PEERS[name][0]:
+            return None, "not installed"
+        return None, f"import failed: {error}"[:100]
+    except Exception as error:  # installed but broken here (e.g. against this transformers): a row, not a crash
+        return None, f"import failed: {type(error).__name__}: {error}"[:100]
     return (None, "not run (CUDA only)") if device == "cpu" else (fn, None)
+
+
+def peer_versions() -> dict:
+    """{distribution: version or None} of the peers, recorded beside the results."""
+    versions = {}
+    for _, dist in PEERS.values():
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
 
 
 def make_inputs(shape, dtype, device, seed=0):
@@ -166,18 +189,31 @@ def interleaved_ms(calls, warmup, rep):
     return out
 
 
-def bench_shape(shape, dtype, device, entropy, reps):
+def run_modes(with_entropy):
+    """(row label, mode, entropy) for each mode measured: fwd and fwd+bwd, and with entropy if asked."""
+    plain = [(mode, mode, False) for mode in MODES]
+    return plain + ([(f"{mode} +entropy", mode, True) for mode in MODES] if with_entropy else [])
+
+
+def bench_shape(shape, dtype, device, with_entropy, reps):
     """Rows (one per provider and mode) for one shape, all measured on `device`."""
+    return [row for mode_rows in bench_modes(shape, dtype, device, with_entropy, reps) for row in mode_rows]
+
+
+def bench_modes(shape, dtype, device, with_entropy, reps):
+    """Yields each mode's rows (one per provider) for one shape as soon as they are measured."""
     n, d, v = shape
+    # every shape compiles afresh: torch.compile's recompile limit (8 graphs per function) would
+    # otherwise run the later shapes of a long sweep eagerly and label them torch.compile
+    torch.compiler.reset()
     inputs = make_inputs(shape, dtype, device)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    rows = []
-    for mode in MODES:
+    for label, mode, entropy in run_modes(with_entropy):
         want = step(ours, inputs, mode, entropy)
         gemms = 1 if mode == "fwd" else 3
         calls, mode_rows = {}, {}
         for name in PROVIDERS:
-            row = mode_rows[name] = {"shape": shape_label(shape, dtype), "mode": mode, "provider": name}
+            row = mode_rows[name] = {"shape": shape_label(shape, dtype), "mode": label, "provider": name}
             fn, why = provider_fn(name, device, entropy)
             if why:
                 row["status"] = why
@@ -211,8 +247,7 @@ def bench_shape(shape, dtype, device, entropy, reps):
                 row["peak_mb"] = cpu_peak_rss_mb(name, mode, shape, dtype, entropy)
             elif name != "cublas-floor":
                 row["peak_mb"] = cuda_peak_mb(calls[name], device)
-        rows += mode_rows.values()
-    return rows
+        yield list(mode_rows.values())
 
 
 def cpu_targets(rows):
@@ -233,8 +268,10 @@ def cpu_targets(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; on CUDA one shape")
-    parser.add_argument("--entropy", action="store_true", help="also compute (and time) entropy")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats; on CUDA the target shape N=8192 D=4096 V=128256 alone")
+    parser.add_argument("--entropy", action="store_true",
+                        help="also the modes with entropy (returned and in the loss)")
     parser.add_argument("--rss-child", nargs=2, metavar=("PROVIDER", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", nargs=3, type=int, default=CPU_SHAPE, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -244,16 +281,22 @@ def main(argv=None):
 
     reps = (1, 5) if args.quick else (1, 9)  # (warmup, rep)
     if args.device.startswith("cuda"):
-        shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
-        rows = [r for s in shapes for r in bench_shape(s, torch.bfloat16, args.device, args.entropy, reps)]
-        meta = {}
+        shapes = [TARGET_SHAPE] if args.quick else GPU_SHAPES
+        meta = {"peak_basis": CUDA_PEAK_BASIS, "peers": peer_versions(), "complete": False}
+        rows = []
+        for shape in shapes:
+            for mode_rows in bench_modes(shape, torch.bfloat16, args.device, args.entropy, reps):
+                rows += mode_rows
+                # after every mode: a run stopped at a time limit keeps what it measured ("complete": false)
+                write_results("logprobs", args.device, rows, entropy=args.entropy, quick=args.quick, **meta)
+        meta["complete"] = True
     else:
         torch.manual_seed(0)
         rows = bench_shape(CPU_SHAPE, torch.float32, "cpu", args.entropy, reps)
         rows += [{"shape": shape_label(s, torch.bfloat16), "mode": "fwd, fwd+bwd", "provider": "all",
                   "status": "not run (no CUDA device)"} for s in GPU_SHAPES]
         meta = {"cpu_targets": cpu_targets(rows), "threads": torch.get_num_threads(),
-                "load_average_1_5_15": os.getloadavg()}
+                "load_average_1_5_15": os.getloadavg(), "peers": peer_versions()}
     path = write_results("logprobs", args.device, rows, entropy=args.entropy, quick=args.quick, **meta)
     print(json.dumps({"results": str(path), **meta}, indent=2))
     for row in rows:

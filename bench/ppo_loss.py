@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from bench.common import cuda_peak_mb, time_ms, write_results
+from bench.common import CUDA_PEAK_BASIS, cuda_peak_mb, time_ms, write_results
 from rlhf_fast.kernels import ppo_policy_loss, reference
 
 GPU_SHAPE = (512, 4096)
@@ -39,13 +39,14 @@ def eager_policy_loss(logprobs, old_logprobs, advantages, mask):
 
 
 def make_inputs(B, T, device):
-    """fp32 log-probs, old log-probs, advantages and a right-padded bool mask (75% of tokens)."""
+    """fp32 log-probs (a leaf that keeps its .grad, see fwd_bwd), old log-probs, advantages and a
+    right-padded bool mask (75% of tokens)."""
     logprobs = -3 * torch.rand(B, T, device=device)
     old_logprobs = logprobs + 0.3 * torch.randn(B, T, device=device)
     advantages = torch.randn(B, T, device=device)
     lengths = torch.randint(T // 2, T + 1, (B, 1), device=device)
     mask = torch.arange(T, device=device) < lengths
-    return logprobs, old_logprobs, advantages, mask
+    return logprobs.requires_grad_(), old_logprobs, advantages, mask
 
 
 def providers(device):
@@ -59,10 +60,12 @@ def providers(device):
 
 
 def fwd_bwd(fn, logprobs, *rest):
-    lp = logprobs.detach().requires_grad_()
-    loss, stats = fn(lp, *rest)
+    """One forward + backward into logprobs.grad, cleared first: the previous call's gradient is held
+    until this call replaces it, as bench.common.cuda_peak_mb expects."""
+    logprobs.grad = None
+    loss, stats = fn(logprobs, *rest)
     loss.backward()
-    return loss, stats, lp.grad
+    return loss, stats, logprobs.grad
 
 
 def relative_error(out, ref):
@@ -106,7 +109,7 @@ def timings(fns: dict, device: str, cpu_rep: int) -> dict:
 
 def measure(device, shape):
     inputs = make_inputs(*shape, device)
-    lp64 = inputs[0].double().requires_grad_()
+    lp64 = inputs[0].detach().double().requires_grad_()
     ref_loss, ref_stats = reference.ppo_policy_loss(lp64, *inputs[1:], clip_low=CLIP_LOW, clip_high=CLIP_HIGH)
     ref_loss.backward()
     expected = (ref_loss, ref_stats, lp64.grad)
@@ -140,8 +143,9 @@ def main():
     else:
         rows = measure(device, CPU_SHAPE) + not_run_rows(GPU_SHAPE, ["eager", "torch.compile", "ours (triton)"])
         shape = CPU_SHAPE
+    meta = {"peak_basis": CUDA_PEAK_BASIS} if device == "cuda" else {}
     path = write_results("ppo_loss", device, rows, shape={"B": shape[0], "T": shape[1]},
-                         threads=torch.get_num_threads(),
+                         threads=torch.get_num_threads(), **meta,
                          rate_formula="B*T*(3*4 + 1 + 4) bytes (read lp, old, A, mask; write grad) / median")
     for row in rows:
         print(row)
