@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# gpu_check: everything a GPU machine can tell about this checkout, in one command, offline, within
+# 8 minutes on one H100: the whole test suite on CUDA (gpu-marked tests included), every bench at its
+# GPU shapes (Liger-Kernel and cut-cross-entropy where installed, "not installed" rows otherwise),
+# bench/results/*-<gpu>.json and the README tables regenerated, then a summary, printed last: tests
+# passed/failed, each step's outcome, each DESIGN.md target met or not and by how much.
+#
+#   bash scripts/gpu_check.sh
+#
+# Python: $PYTHON, else .venv/bin/python (scripts/install.sh), else python3; it needs CUDA torch,
+# Triton, transformers, peft and pytest (pytest-xdist is used when present). Installed or a plain
+# checkout: when `import rlhf_fast.kernels` does not resolve to this checkout's kernels/, the folder
+# bench/plain_checkout/ goes on PYTHONPATH and maps it there (nothing is pip-installed).
+# Logs: $OUT/gpu-check-<gpu>/ when OUT is set, else bench/results/gpu-check-<gpu>/: one log per step,
+# pytest.xml, steps.tsv, environment.txt, and results/ (the JSON files this run wrote).
+# Time: GPU_CHECK_BUDGET_S (default 480) bounds the whole run; each step has its own limit, cut to what
+# the budget has left (a step that would get under 15 s is skipped and says so).
+# Exit status: 0 when every step ran clean, 1 when one failed or timed out, 2 when it cannot start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd -P)
+budget=${GPU_CHECK_BUDGET_S:-480}
+reserve=30  # kept back for the tables, the copy and the summary
+start_epoch=$(date +%s)
+SECONDS=0
+
+die() { echo "gpu_check: $*" >&2; exit 2; }
+
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON
+elif [ -x .venv/bin/python ]; then py=.venv/bin/python
+else py=python3
+fi
+command -v "$py" >/dev/null || die "no Python at '$py' (set PYTHON=/path/to/python)"
+
+# Offline, compiled Triton, logs that survive a timeout.
+unset TRITON_INTERPRET
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+# rlhf_fast.kernels from this checkout: installed (editable) here, or through the plain-checkout shim.
+kernels_dir() {
+  "$py" -c 'import os, rlhf_fast.kernels as k; print(os.path.dirname(os.path.realpath(k.__file__)))' 2>&1 | tail -n 1
+}
+if [ "$(kernels_dir)" = "$repo/kernels" ]; then
+  import_mode="installed from this checkout"
+else
+  export PYTHONPATH="$repo/bench/plain_checkout${PYTHONPATH:+:$PYTHONPATH}"
+  found=$(kernels_dir || true)
+  [ "$found" = "$repo/kernels" ] || die "cannot import rlhf_fast.kernels from $repo with $py: $found"
+  import_mode="plain checkout: bench/plain_checkout maps kernels/ to rlhf_fast.kernels (not pip-installed)"
+fi
+
+"$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
+  || die "no CUDA device: torch.cuda.is_available() is False for $py (this check needs a GPU and a CUDA torch)"
+slug=$("$py" -c 'from bench.common import device_slug; print(device_slug("cuda"))') \
+  || die "cannot name the GPU through bench.common.device_slug"
+
+log=${OUT:+$OUT/gpu-check-$slug}
+log=${log:-bench/results/gpu-check-$slug}
+mkdir -p "$log"
+rm -f "$log"/*.log "$log/pytest.xml" "$log/steps.tsv"
+rm -rf "$log/results"
+
+"$py" - >"$log/environment.txt" 2>&1 <<'PY' || true
+import importlib.metadata as md, platform
+for dist in ("torch", "triton", "transformers", "peft", "liger-kernel", "cut-cross-entropy", "pytest", "pytest-xdist"):
+    try:
+        print(f"{dist}: {md.version(dist)}")
+    except md.PackageNotFoundError:
+        print(f"{dist}: not installed")
+import torch
+print(f"device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), python {platform.python_version()}")
+PY
+echo "gpu_check: $(grep -m 1 '^device: ' "$log/environment.txt" || echo 'device: unknown'), commit" \
+  "$(git rev-parse --short HEAD 2>/dev/null || echo unknown); versions in $log/environment.txt"
+echo "gpu_check: logs in $log; budget ${budget} s"
+
+record() {  # record NAME STATUS SECONDS NOTE: one line of steps.tsv
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$log/steps.tsv"
+}
+record import ok "" "$import_mode"
+
+failed=0
+run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcome, never stop the check
+  local name=$1 want=$2
+  shift 2
+  local left=$((budget - SECONDS - reserve))
+  local limit=$((want < left ? want : left))
+  if ((limit < 15)); then
+    record "$name" skipped "" "no time left in the ${budget} s budget"
+    echo "-- $name: skipped (no time left in the budget)"
+    failed=1
+    return 0
+  fi
+  echo "-- $name (up to ${limit} s): $*"
+  local began=$SECONDS rc=0
+  # SIGINT first: pytest still writes its JUnit report, a bench stops with a traceback in its log
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >"$log/$name.log" 2>&1 || rc=$?
+  local took=$((SECONDS - began)) status=ok note=""
+  if ((rc == 124 || rc == 137)); then
+    status=timeout note="stopped at its ${limit} s limit"
+  elif ((rc != 0)); then
+    status="rc=$rc" note=$(grep -v '^\s*$' "$log/$name.log" | tail -n 1 | cut -c1-110)
+  fi
+  ((rc == 0)) || failed=1
+  record "$name" "$status" "$took" "$note"
+  echo "   $status in ${took} s${note:+: $note}"
+}
+
+# 1. the test suite on CUDA (conftest.py runs gpu-marked tests when CUDA is there)
+xdist=()
+if "$py" -c 'import xdist' 2>/dev/null; then xdist=(-n 6); fi
+run_step pytest 150 "$py" -m pytest -q -p no:cacheprovider --durations=10 --junitxml="$log/pytest.xml" \
+  ${xdist[@]+"${xdist[@]}"} tests
+
+# 2. the benches at their GPU shapes, the ones DESIGN.md's targets read first; token_logprobs at the
+#    target shape, with and without entropy (writes its results after every mode)
+run_step bench.logprobs 120 "$py" -m bench.logprobs --device cuda --quick --entropy
+run_step bench.linear_ppo 70 "$py" -m bench.linear_ppo
+run_step bench.gae 60 "$py" -m bench.gae
+run_step bench.ppo_loss 35 "$py" -m bench.ppo_loss
+if [ -f bench/ppo_step.py ]; then
+  run_step bench.ppo_step 60 "$py" -m bench.ppo_step
+else
+  record bench.ppo_step skipped "" "bench/ppo_step.py is absent"
+  echo "-- bench.ppo_step: skipped (bench/ppo_step.py is absent)"
+fi
+
+# 3. every kernel against its fp64 reference, one line each (the smoke test a user runs; the suite
+#    above covers it, so it goes last)
+run_step selfcheck 30 "$py" -m rlhf_fast.cli selfcheck
+
+# 4. the tables (each bench already rewrote them; once more from every file), a copy of this run's results
+budget=$((budget + reserve)) reserve=0
+run_step tables 15 "$py" -c 'from bench.table import regenerate_table; regenerate_table()'
+mkdir -p "$log/results"
+find bench/results -maxdepth 1 -name "*-$slug.json" -newermt "@$start_epoch" -exec cp {} "$log/results/" \;
+cp bench/README.md "$log/results/README.md"
+
+# 5. the summary, last
+echo "gpu_check: done in ${SECONDS} s"
+"$py" -m bench.gpu_summary --device "$slug" --log-dir "$log" --since "$start_epoch" \
+  || echo "gpu_check: the summary failed: see the message above"
+exit "$failed"
