@@ -57,10 +57,15 @@ def _covered(bench: str, row: dict, measured: set) -> bool:
                for b, s, m, p in measured)
 
 
+def _ms(x: float) -> str:
+    """Milliseconds to the microsecond, or to 4 significant digits below 1 ms (0.01747)."""
+    return f"{x:.3f}" if x >= 1 else f"{x:.4g}"
+
+
 def _cells(result: dict, row: dict) -> list[str]:
     timing = ""
     if is_measured(row):
-        timing = f"{row['median_ms']:.3f} ({row['p20_ms']:.3f}-{row['p80_ms']:.3f})"
+        timing = f"{_ms(row['median_ms'])} ({_ms(row['p20_ms'])}-{_ms(row['p80_ms'])})"
     # a placeholder names the GPU it waits for, not the CPU that wrote it
     device = row.get("device") or ("CUDA GPU" if is_gpu_placeholder(row) else result["device"])
     peak = "" if row.get("peak_mb") is None else f"{row['peak_mb']:.1f}"
