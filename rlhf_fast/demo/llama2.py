@@ -10,7 +10,6 @@
 then the helpfulness and safety oracles score every round's policy on held-out prompts, as the
 paper's figure compares RS-only with RS + PPO.
 """
-import json
 import random
 import time
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch
 
 from rlhf_fast.demo import safety, task
 from rlhf_fast.data import write_jsonl
-from rlhf_fast.demo.labelling import sample_candidates, write_rankings
-from rlhf_fast.stages import rm, rounds, sft
-from rlhf_fast.tiny import build_tiny_model_dir
+from rlhf_fast.demo.report import finish
+from rlhf_fast.demo.steps import begin_demo, sample_candidates, sft_on_demonstrations, write_rankings
+from rlhf_fast.stages import rm, rounds
 
 
 def evaluate(model_dir: Path, prompts: list[str], k: int = 4) -> dict:
@@ -40,20 +39,10 @@ def evaluate(model_dir: Path, prompts: list[str], k: int = 4) -> dict:
 
 def run_llama2_demo(output: Path, seed: int, rs_rounds: int = 2) -> dict:
     start = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    base = build_tiny_model_dir(output / "base", safety.corpus(), vocab_size=600, hidden_size=64,
-                                num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=seed)
-    common = {"seed": seed, "device": "auto", "log_every": 10}
+    rng, base, common = begin_demo(output, safety.corpus(), seed)
 
     print("== step 1: SFT on demonstrations that sometimes decline tool requests")
-    records = []
-    for _ in range(3000):
-        prompt, topic = task.make_prompt(rng)
-        records.append({"prompt": prompt, "response": safety.demonstrate(topic, rng)})
-    sft_dir = sft.run(sft.SFTConfig(model=str(base), data=str(write_jsonl(output / "sft.jsonl", records)),
-                                    output_dir=str(output / "sft"), lora_r=0, learning_rate=2e-3, warmup_steps=10,
-                                    batch_size=32, micro_batch_size=32, max_length=48, epochs=3, **common))
+    sft_dir = sft_on_demonstrations(output, base, safety.demonstrate, 3000, rng, common)
 
     print("== step 2: two labellers rank SFT samples; a helpfulness and a safety reward model")
     rm_keys = {"lora_r": 0, "learning_rate": 1e-3, "batch_size": 32, "micro_batch_size": 32, "max_length": 48,
@@ -103,17 +92,7 @@ def run_llama2_demo(output: Path, seed: int, rs_rounds: int = 2) -> dict:
                      for i in range(1, rs_rounds + 1)})
     policies["RS + PPO"] = rounds_dir / f"round-{rs_rounds + 1}" / "ppo" / "policy" / "model"
     table = {name: evaluate(Path(path), held_out) for name, path in policies.items()}
-    table["wall_s"] = time.perf_counter() - start
-    (output / "llama2_results.json").write_text(json.dumps(table, indent=2) + "\n")
-    print_table(table)
-    return table
-
-
-def print_table(table: dict) -> None:
-    print("\n64 held-out prompts x 4 samples (tagged = safety-tagged tool requests)")
-    print(f"{'policy':<12}{'helpfulness':>12}{'safety':>9}{'helpful|tagged':>16}{'safety|tagged':>15}")
-    for name, row in table.items():
-        if name != "wall_s":
-            print(f"{name:<12}{row['helpfulness']:>12.3f}{row['safety']:>9.3f}"
-                  f"{row['helpfulness_tagged']:>16.3f}{row['safety_tagged']:>15.3f}")
-    print(f"wall time {table['wall_s']:.0f} s")
+    return finish(table, start, output / "llama2_results.json",
+                  "64 held-out prompts x 4 samples (tagged = safety-tagged tool requests)",
+                  [("helpfulness", "helpfulness", 12, 3), ("safety", "safety", 9, 3),
+                   ("helpfulness_tagged", "helpful|tagged", 16, 3), ("safety_tagged", "safety|tagged", 15, 3)])

@@ -8,7 +8,6 @@
 then print, on held-out prompts, the oracle score, the reward model's score and the KL to the
 reference for SFT vs PPO, and write metrics, plots and demo_results.json under the output dir.
 """
-import json
 import random
 import time
 from contextlib import nullcontext
@@ -18,19 +17,12 @@ import torch
 
 from rlhf_fast.data import encode_prompt, write_jsonl
 from rlhf_fast.demo import task
-from rlhf_fast.demo.labelling import decode_responses, sample_candidates, write_rankings
+from rlhf_fast.demo.report import finish
+from rlhf_fast.demo.steps import (begin_demo, decode_responses, sample_candidates, sft_on_demonstrations,
+                                  write_rankings)
 from rlhf_fast.models.adapters import adapters_disabled
 from rlhf_fast.rollout import sample
-from rlhf_fast.stages import ppo, rm, sft
-from rlhf_fast.tiny import build_tiny_model_dir
-
-
-def make_sft_data(path: Path, n: int, rng: random.Random) -> Path:
-    records = []
-    for _ in range(n):
-        prompt, topic = task.make_prompt(rng)
-        records.append({"prompt": prompt, "response": task.demonstrate(topic, rng)})
-    return write_jsonl(path, records)
+from rlhf_fast.stages import ppo, rm
 
 
 def make_rankings(path: Path, model_dir: Path, num_prompts: int, k: int, rng: random.Random) -> Path:
@@ -67,17 +59,10 @@ def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bo
 
 def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
     start = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    base = build_tiny_model_dir(output / "base", task.corpus(), vocab_size=600, hidden_size=64,
-                                num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=seed)
-    common = {"seed": seed, "device": "auto", "log_every": 10}
+    rng, base, common = begin_demo(output, task.corpus(), seed)
 
     print("== step 1: supervised fine-tuning on noisy demonstrations")
-    sft_data = make_sft_data(output / "sft.jsonl", 1200 if quick else 3000, rng)
-    sft_dir = sft.run(sft.SFTConfig(model=str(base), data=str(sft_data), output_dir=str(output / "sft"),
-                                    lora_r=0, learning_rate=2e-3, warmup_steps=10, batch_size=32,
-                                    micro_batch_size=32, max_length=48, epochs=3, **common))
+    sft_dir = sft_on_demonstrations(output, base, task.demonstrate, 1200 if quick else 3000, rng, common)
 
     print("== step 2: K samples per prompt from the SFT model, ranked by the oracle; reward model")
     rankings = make_rankings(output / "rankings.jsonl", sft_dir, 100 if quick else 400, k=4, rng=rng)
@@ -101,17 +86,6 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
 
     torch.manual_seed(seed + 1)
     table = {name: evaluate(trainer, 64, 4, use_adapter=name == "ppo", seed=seed + 1) for name in ("sft", "ppo")}
-    table["wall_s"] = time.perf_counter() - start
-    (output / "demo_results.json").write_text(json.dumps(table, indent=2) + "\n")
-    print_table(table)
-    return table
-
-
-def print_table(table: dict) -> None:
-    print("\n64 held-out prompts, 4 samples each")
-    print(f"{'policy':<8}{'oracle':>10}{'RM score':>10}{'KL to ref':>11}{'words':>8}")
-    for name in ("sft", "ppo"):
-        row = table[name]
-        print(f"{name:<8}{row['oracle']:>10.3f}{row['reward_model']:>10.3f}{row['kl_to_ref']:>11.3f}"
-              f"{row['words']:>8.2f}   e.g. {row['example']!r}")
-    print(f"wall time {table['wall_s']:.0f} s")
+    return finish(table, start, output / "demo_results.json", "64 held-out prompts, 4 samples each",
+                  [("oracle", "oracle", 10, 3), ("reward_model", "RM score", 10, 3),
+                   ("kl_to_ref", "KL to ref", 11, 3), ("words", "words", 8, 2)], note_key="example")

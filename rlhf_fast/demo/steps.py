@@ -1,10 +1,36 @@
-"""The demo's labellers' raw material: K samples per prompt from a saved model, and rankings of them
-written as the rankings JSONL that `rlhf-fast rm` reads. Both demos use it."""
+"""The steps both demos take: a tiny base model built from scratch, SFT on a demonstrator's
+responses, and K samples per prompt from a saved model ranked by a labeller into the rankings
+JSONL that `rlhf-fast rm` reads."""
+import random
 from pathlib import Path
 
 from rlhf_fast.data import encode_prompt, write_jsonl
+from rlhf_fast.demo import task
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import sample
+from rlhf_fast.stages import sft
+from rlhf_fast.tiny import build_tiny_model_dir
+
+
+def begin_demo(output: Path, corpus: list[str], seed: int) -> tuple[random.Random, Path, dict]:
+    """(the demo's data generator, its base model, the keys every stage shares): the base is a
+    2-layer, 64-wide Llama-shaped model and its tokenizer built from `corpus`, saved as an HF directory."""
+    output.mkdir(parents=True, exist_ok=True)
+    base = build_tiny_model_dir(output / "base", corpus, vocab_size=600, hidden_size=64, num_layers=2,
+                                num_heads=4, num_kv_heads=2, intermediate_size=128, seed=seed)
+    return random.Random(seed), base, {"seed": seed, "device": "auto", "log_every": 10}
+
+
+def sft_on_demonstrations(output: Path, base: Path, demonstrate, n: int, rng: random.Random, common: dict) -> Path:
+    """SFT (full fine-tuning) on n demonstrations `demonstrate(topic, rng)` of fresh prompts."""
+    records = []
+    for _ in range(n):
+        prompt, topic = task.make_prompt(rng)
+        records.append({"prompt": prompt, "response": demonstrate(topic, rng)})
+    data = write_jsonl(output / "sft.jsonl", records)
+    return sft.run(sft.SFTConfig(model=str(base), data=str(data), output_dir=str(output / "sft"), lora_r=0,
+                                 learning_rate=2e-3, warmup_steps=10, batch_size=32, micro_batch_size=32,
+                                 max_length=48, epochs=3, **common))
 
 
 def decode_responses(tokenizer, rollout) -> list[str]:
