@@ -1,17 +1,27 @@
 """rlhf_fast.kernels: fused RLHF math as pure functions on tensors (no models, no trainer).
 
-Every op takes `backend=` ("auto" | "triton" | "torch" | "native" | "reference"); "auto" picks
-Triton for CUDA tensors and the lean CPU path otherwise. `reference` is the plain fp64 spec.
+Every op takes `backend=`: "auto" picks Triton for CUDA tensors where the op has a Triton kernel,
+the native CPU op where it has one and it is built, else the lean torch path; "triton", "torch",
+"native" and "reference" force one that the op implements (its docstring lists them).
+`reference` is the plain fp64 spec. KL_ESTIMATORS names the per-token KL estimators that
+kl_penalty, kl_penalized_rewards, advantages and linear_ppo_loss accept.
 """
+from ._kl_math import KL_ESTIMATORS
 from .token_logprobs import token_logprobs
 from .token_kl import token_kl
-from .kl import kl_penalty, kl_penalized_rewards
-from .ppo_loss import ppo_policy_loss, value_loss
-from .gae import gae, masked_whiten, advantages
+from .kl_penalty import kl_penalty
+from .kl_rewards import kl_penalized_rewards
+from .ppo_loss import ppo_policy_loss
+from .value_loss import value_loss
+from .gae import gae
+from .masked_whiten import masked_whiten
+from .advantages import advantages
 from .linear_ppo import linear_ppo_loss
 from . import native, reference
+from . import kl  # noqa: F401  transitional: kernels.kl.ESTIMATORS (kernels/kl.py says when it goes)
 
 __all__ = [
-    "token_logprobs", "token_kl", "kl_penalty", "kl_penalized_rewards", "ppo_policy_loss",
-    "value_loss", "gae", "masked_whiten", "advantages", "linear_ppo_loss", "native", "reference",
+    "KL_ESTIMATORS", "token_logprobs", "token_kl", "kl_penalty", "kl_penalized_rewards",
+    "ppo_policy_loss", "value_loss", "gae", "masked_whiten", "advantages", "linear_ppo_loss",
+    "native", "reference",
 ]

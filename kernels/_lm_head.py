@@ -1,9 +1,13 @@
-"""Shared plumbing of the fused LM-head ops (token_logprobs, token_kl): input checks and row chunks.
+"""What the fused LM-head ops (token_logprobs, token_kl) share: input checks, row chunks, row-kernel pieces.
 
 These ops never hold the full (N, V) logits: they walk the rows in chunks whose logits fit a byte
-budget, so the extra memory is O(chunk x V) whatever N is.
+budget, so the extra memory is O(chunk x V) whatever N is. Each chunk's logits come from one cuBLAS
+GEMM; on the Triton path a row kernel then reduces them over V in BLOCK_V blocks with an online
+log-sum-exp (online_lse_step).
 """
 import torch
+
+from ._dispatch import check_shapes, triton_available
 
 # CPU: 64 MiB of fp32 logits per chunk (524 rows at V=32000). Chunk GEMMs (M, 512) x (512, 32000)
 # fp32 on the 2-core AMD EPYC dev box: M=131 (16 MiB) ran at ~20 GFLOP/s, M=262 at ~33, M=524 at ~43,
@@ -14,14 +18,21 @@ CPU_CHUNK_BYTES = 64 * 2**20
 # M=512 x N=V x K=D, large enough for cuBLAS to fill an H100, while the buffer stays ~1% of
 # eager's >10 GB at N=8192. Not yet measured: issue 7 times 32/64/128/256 MiB on H100.
 CUDA_CHUNK_BYTES = 128 * 2**20
+# Widest vocab block a row program loads at once; V is walked in blocks of min(next_pow2(V), this).
+# 4096 fp32 values = 16 KiB of registers over 8 warps. Not yet measured: issue 7 tunes it on H100.
+MAX_BLOCK_V = 4096
+NUM_WARPS = 8
+# The dtype of each backend's chunk GEMMs (None: the inputs'). "torch", the lean CPU path, does all
+# its math in fp32; "triton" keeps the GEMMs on cuBLAS in bf16/fp16 and upcasts in its row kernels.
+GEMM_DTYPE = {"torch": torch.float32, "triton": None}
 
 
-def flatten_head_inputs(op, hidden, weight, bias, *row_tensors):
+def flatten_head_inputs(op, hidden, weight, bias, **per_token):
     """Check an LM-head op's inputs and flatten them to rows.
 
     hidden (N, D) or (B, T, D) in bf16/fp16/fp32; weight (V, D) of hidden's dtype; bias (V,) or
-    None; each of row_tensors (hidden's leading shape) or None. Returns (hidden (N, D),
-    [row tensors flattened to (N,)], leading shape). Never copies a tensor that is already flat.
+    None; each per_token tensor (hidden's leading shape) or None. Returns (hidden (N, D),
+    {name: tensor flattened to (N,) or None}, leading shape). Never copies a tensor that is flat.
     """
     if hidden.dim() not in (2, 3):
         raise ValueError(f"{op}: hidden must be (N, D) or (B, T, D), got shape {tuple(hidden.shape)}")
@@ -32,15 +43,10 @@ def flatten_head_inputs(op, hidden, weight, bias, *row_tensors):
                          f"{tuple(hidden.shape)}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{op}: weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be (V={weight.shape[0]},), got {tuple(bias.shape)}")
+    check_shapes(op, weight.shape[:1], "one per vocabulary entry", bias=bias)
     lead = tuple(hidden.shape[:-1])
-    rows = []
-    for tensor in row_tensors:
-        if tensor is not None and tuple(tensor.shape) != lead:
-            raise ValueError(f"{op}: expected a per-token tensor of shape {lead} (hidden's leading "
-                             f"shape), got {tuple(tensor.shape)}")
-        rows.append(None if tensor is None else tensor.reshape(-1))
+    check_shapes(op, lead, "hidden's leading shape", **per_token)
+    rows = {name: None if x is None else x.reshape(-1) for name, x in per_token.items()}
     return hidden.reshape(-1, hidden.shape[-1]), rows, lead
 
 
@@ -60,9 +66,26 @@ def rows_per_chunk(n_rows, vocab, device, element_bytes=4):
     return max(1, min(n_rows, budget // (vocab * element_bytes)))
 
 
-def chunks(n_rows, size):
-    """(start, end) of consecutive row chunks covering [0, n_rows)."""
-    return [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+def chunk_plan(n_rows, weight, bias, backend, n_buffers=1):
+    """What a loop over the row chunks of an LM head needs on `backend`: (w, b, chunks, buffers).
+
+    w: weight (V, D) as the chunk GEMMs take it, GEMM_DTYPE[backend]; b: bias (V,) in fp32, or
+    None; chunks: (start, end) row ranges covering [0, n_rows) within the device's chunk budget;
+    buffers: n_buffers (chunk rows, V) logits buffers of w's dtype, reused by every chunk.
+    """
+    gemm_dtype = GEMM_DTYPE[backend]
+    w = weight if gemm_dtype is None else weight.to(gemm_dtype)
+    b = None if bias is None else bias.float()
+    vocab = weight.shape[0]
+    size = rows_per_chunk(n_rows, vocab, weight.device, w.element_size())
+    buffers = [torch.empty(size, vocab, device=weight.device, dtype=w.dtype) for _ in range(n_buffers)]
+    starts = range(0, n_rows, size)
+    return w, b, [(start, min(start + size, n_rows)) for start in starts], buffers
+
+
+def chunk_logits(hidden, w, buffer, start, end):
+    """Raw logits (end - start, V) of rows [start, end): one GEMM hidden[start:end] @ w.T into buffer."""
+    return torch.mm(hidden[start:end].to(w.dtype), w.t(), out=buffer[: end - start])
 
 
 def scale_logits_(z, bias, temperature):
@@ -72,3 +95,43 @@ def scale_logits_(z, bias, temperature):
     if temperature != 1.0:
         z /= temperature
     return z
+
+
+def check_chunk(op, *logits, rows):
+    """Each logits chunk is row-major (M, V), all of one shape, and `rows` is (M,) (one per row)."""
+    first = logits[0]
+    if first.dim() != 2 or any(z.shape != first.shape or z.stride(1) != 1 for z in logits):
+        raise ValueError(f"{op}: expected row-major logits chunks (M, V) of one shape, got "
+                         f"{[(tuple(z.shape), z.stride()) for z in logits]}")
+    check_shapes(op, first.shape[:1], "one per logits row", rows=rows)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    def block_v(vocab):
+        """BLOCK_V for a row program over a vocab of `vocab` entries."""
+        return min(triton.next_power_of_2(vocab), MAX_BLOCK_V)
+
+    @triton.jit
+    def scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS: tl.constexpr):
+        """(z + bias) / temperature in fp32 for one block of a row of raw logits; -inf where masked."""
+        z = tl.load(z_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, z / temperature, float("-inf"))
+
+    @triton.jit
+    def online_lse_step(m, s, z):
+        """Fold one block z (BLOCK_V,) fp32, -inf where masked, into a running log-sum-exp.
+
+        m: the running max (start at -1e30, finite, so that the first block's rescale is
+        exp(-huge) * 0 = 0, never inf * 0); s: the running sum of exp(z - m). Returns (m_new,
+        s_new, alpha, e) with alpha = exp(m - m_new), the factor that rescales any other running
+        sum taken against m, and e = exp(z - m_new), the block's terms (0 where masked).
+        """
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        return m_new, alpha * s + tl.sum(e, axis=0), alpha, e

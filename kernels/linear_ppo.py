@@ -14,26 +14,13 @@ import torch
 
 from . import reference
 from ._dispatch import resolve_backend
-from .kl import check_estimator, kl_penalty
+from ._kl_math import check_estimator
+from ._lm_head import flatten_head_inputs
+from .kl_penalty import kl_penalty
 from .ppo_loss import ppo_policy_loss
 from .token_logprobs import token_logprobs
 
 IGNORE_INDEX = -100
-
-
-def _check_shapes(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs):
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"linear_ppo_loss: hidden must be (N, D) or (B, T, D), got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"linear_ppo_loss: weight must be (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
-    lead = hidden.shape[:-1]
-    named = [("targets", targets), ("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)]
-    if ref_logprobs is not None:
-        named.append(("ref_logprobs", ref_logprobs))
-    for name, x in named:
-        if x.shape != lead:
-            raise ValueError(f"linear_ppo_loss: {name} must have hidden's leading shape {tuple(lead)}, "
-                             f"got {tuple(x.shape)}")
 
 
 def _reference_loss(hidden, weight, targets, old_logprobs, advantages, mask, **kwargs):
@@ -57,7 +44,8 @@ def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, 
     """
     backend = resolve_backend(backend, hidden, "linear_ppo_loss")
     check_estimator(kl_estimator)
-    _check_shapes(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs)
+    flatten_head_inputs("linear_ppo_loss", hidden, weight, bias, targets=targets, old_logprobs=old_logprobs,
+                        advantages=advantages, mask=mask, ref_logprobs=ref_logprobs)
     if backend == "reference":
         return _reference_loss(hidden, weight, targets, old_logprobs, advantages, mask,
                                ref_logprobs=ref_logprobs, bias=bias, clip_low=clip_low, clip_high=clip_high,

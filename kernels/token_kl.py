@@ -1,7 +1,7 @@
 """token_kl: exact per-token KL(pi || pi_ref) over the whole vocabulary, from two sets of hidden states.
 
 pi = softmax(z_p), pi_ref = softmax(z_q), z = (hidden @ weight.T + bias) / temperature with one LM
-head; KL = sum_v p (log p - log q). Rows are walked in chunks (kernels/_logits_chunks.py): two GEMMs
+head; KL = sum_v p (log p - log q). Rows are walked in chunks (kernels/_lm_head.py): two GEMMs
 per chunk make its policy and reference logits, which are reduced and thrown away, never (N, V).
 The backward recomputes them (two GEMMs), writes dKL/dz_p = p ((log p - log q) - KL) in place, and
 makes d hidden with one more GEMM. The reference side, weight and bias are constants: no gradient.
@@ -12,14 +12,14 @@ inputs' dtype + one Triton row kernel each way), "reference" (kernels.reference,
 import torch
 
 from . import reference
-from ._dispatch import resolve_backend, triton_available
-from ._logits_chunks import chunks, flatten_head_inputs, rows_per_chunk, scale_logits_
+from ._dispatch import check_shapes, resolve_backend, triton_available
+from ._lm_head import check_chunk, chunk_logits, chunk_plan, flatten_head_inputs, scale_logits_
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from ._logits_triton import NUM_WARPS, block_v, scaled_logits
+    from ._lm_head import NUM_WARPS, block_v, online_lse_step, scaled_logits
 
     @triton.jit
     def _token_kl_fwd_kernel(
@@ -32,7 +32,10 @@ if triton_available():
         # meta-parameters
         HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """One program per row: online log-sum-exp of both rows and sum exp(z_p - m_p) (z_p - z_q)."""
+        """One program per row of the chunks zp, zq (M, V), any float dtype, row-major: the online
+        log-sum-exp of both rows and u = sum exp(z_p - m_p) (z_p - z_q) over V in BLOCK_V blocks, then
+        KL = u / s_p - lse_p + lse_q (0 where not counted) and both lse, fp32 (M,) each.
+        """
         row = tl.program_id(0).to(tl.int64)
         zp_row_ptr = zp_ptr + row * stride_pm
         zq_row_ptr = zq_ptr + row * stride_qm
@@ -46,16 +49,10 @@ if triton_available():
             mask = offs < V
             zp = scaled_logits(zp_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS)
             zq = scaled_logits(zq_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS)
-            m_p_new = tl.maximum(m_p, tl.max(zp, axis=0))
-            alpha = tl.exp(m_p - m_p_new)
-            e_p = tl.exp(zp - m_p_new)
+            m_p, s_p, alpha, e_p = online_lse_step(m_p, s_p, zp)
             # masked lanes hold -inf in both rows: subtract finite stand-ins, not inf - inf
             u = alpha * u + tl.sum(e_p * (tl.where(mask, zp, 0.0) - tl.where(mask, zq, 0.0)), axis=0)
-            s_p = alpha * s_p + tl.sum(e_p, axis=0)
-            m_p = m_p_new
-            m_q_new = tl.maximum(m_q, tl.max(zq, axis=0))
-            s_q = tl.exp(m_q - m_q_new) * s_q + tl.sum(tl.exp(zq - m_q_new), axis=0)
-            m_q = m_q_new
+            m_q, s_q, _, _ = online_lse_step(m_q, s_q, zq)
         lse_p = m_p + tl.log(s_p)
         lse_q = m_q + tl.log(s_q)
         kl = u / s_p - lse_p + lse_q
@@ -75,12 +72,13 @@ if triton_available():
         # meta-parameters
         HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """dz_p = g p ((log p - log q) - KL) / temperature, row by row."""
+        """One program per row: zp (M, V) <- d loss / d raw z_p = g p ((log p - log q) - KL) / temperature,
+        in zp's dtype, with p and q from the forward's lse; rows not counted get 0."""
         row = tl.program_id(0).to(tl.int64)
-        zp_row_ptr = zp_ptr + row * stride_pm
-        zq_row_ptr = zq_ptr + row * stride_qm
         counted = tl.load(counted_ptr + row) != 0
         g = tl.where(counted, tl.load(grad_kl_ptr + row), 0.0)
+        zp_row_ptr = zp_ptr + row * stride_pm
+        zq_row_ptr = zq_ptr + row * stride_qm
         kl = tl.load(kl_ptr + row)
         lse_p = tl.load(lse_p_ptr + row)
         lse_q = tl.load(lse_q_ptr + row)
@@ -94,15 +92,9 @@ if triton_available():
             tl.store(zp_row_ptr + offs, grad.to(zp_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_chunks(zp, zq, counted):
-    if zp.shape != zq.shape or zp.stride(1) != 1 or zq.stride(1) != 1 or counted.shape != zp.shape[:1]:
-        raise ValueError(f"token_kl: expected two row-major logits chunks (M, V) and counted (M,), got "
-                         f"{tuple(zp.shape)}, {tuple(zq.shape)} and {tuple(counted.shape)}")
-
-
 def _stats_triton(zp, zq, bias, counted, temperature):
     """Raw logits chunks zp, zq (M, V), any float dtype -> (kl, lse_p, lse_q), fp32 (M,)."""
-    _check_chunks(zp, zq, counted)
+    check_chunk("token_kl", zp, zq, rows=counted)
     rows, vocab = zp.shape
     kl = torch.empty(rows, device=zp.device, dtype=torch.float32)
     lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
@@ -117,7 +109,7 @@ def _stats_triton(zp, zq, bias, counted, temperature):
 
 def _grad_triton(zp, zq, bias, counted, kl, lse_p, lse_q, grad_kl, temperature):
     """Overwrite the policy chunk zp (M, V) with d loss / d raw z_p and return it."""
-    _check_chunks(zp, zq, counted)
+    check_chunk("token_kl", zp, zq, rows=counted)
     rows, vocab = zp.shape
     _token_kl_bwd_kernel[(rows,)](
         zp, zq, zp if bias is None else bias, counted, kl, lse_p, lse_q, grad_kl,
@@ -154,18 +146,8 @@ def _grad_torch(zp, zq, bias, counted, kl, lse_p, lse_q, grad_kl, temperature):
     return grad
 
 
-# backend -> (chunk stats, chunk gradient, GEMM dtype (None: the inputs'))
-_CHUNK_MATH = {
-    "torch": (_stats_torch, _grad_torch, torch.float32),
-    "triton": (_stats_triton, _grad_triton, None),
-}
-
-
-def _chunk_logits(hidden, ref_hidden, weight, buffers, start, end):
-    h = hidden[start:end].to(weight.dtype)
-    zp = torch.mm(h, weight.t(), out=buffers[0][: end - start])
-    zq = torch.mm(ref_hidden[start:end].to(weight.dtype), weight.t(), out=buffers[1][: end - start])
-    return zp, zq
+# backend -> (chunk stats, chunk gradient)
+_CHUNK_MATH = {"torch": (_stats_torch, _grad_torch), "triton": (_stats_triton, _grad_triton)}
 
 
 class TokenKLFunction(torch.autograd.Function):
@@ -177,16 +159,13 @@ class TokenKLFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, ref_hidden, weight, bias, counted, temperature, backend):
-        stats, _, gemm_dtype = _CHUNK_MATH[backend]
-        w = weight if gemm_dtype is None else weight.to(gemm_dtype)
-        b = None if bias is None else bias.float()
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        size = rows_per_chunk(n_rows, vocab, hidden.device, w.element_size())
-        buffers = [torch.empty(size, vocab, device=hidden.device, dtype=w.dtype) for _ in range(2)]
-        kl = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+        stats, _ = _CHUNK_MATH[backend]
+        w, b, row_chunks, (buffer_p, buffer_q) = chunk_plan(hidden.shape[0], weight, bias, backend, 2)
+        kl = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         lse_p, lse_q = torch.empty_like(kl), torch.empty_like(kl)
-        for start, end in chunks(n_rows, size):
-            zp, zq = _chunk_logits(hidden, ref_hidden, w, buffers, start, end)
+        for start, end in row_chunks:
+            zp = chunk_logits(hidden, w, buffer_p, start, end)
+            zq = chunk_logits(ref_hidden, w, buffer_q, start, end)
             kl[start:end], lse_p[start:end], lse_q[start:end] = stats(
                 zp, zq, b, counted[start:end], temperature)
         ctx.save_for_backward(hidden, ref_hidden, weight, bias, counted, kl, lse_p, lse_q)
@@ -197,16 +176,13 @@ class TokenKLFunction(torch.autograd.Function):
     def backward(ctx, grad_kl):
         hidden, ref_hidden, weight, bias, counted, kl, lse_p, lse_q = ctx.saved_tensors
         temperature, backend = ctx.config
-        _, grad_fn, gemm_dtype = _CHUNK_MATH[backend]
-        w = weight if gemm_dtype is None else weight.to(gemm_dtype)
-        b = None if bias is None else bias.float()
+        _, grad_fn = _CHUNK_MATH[backend]
+        w, b, row_chunks, (buffer_p, buffer_q) = chunk_plan(hidden.shape[0], weight, bias, backend, 2)
         g = grad_kl.float().contiguous()
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden)
-        size = rows_per_chunk(n_rows, vocab, hidden.device, w.element_size())
-        buffers = [torch.empty(size, vocab, device=hidden.device, dtype=w.dtype) for _ in range(2)]
-        for start, end in chunks(n_rows, size):
-            zp, zq = _chunk_logits(hidden, ref_hidden, w, buffers, start, end)
+        for start, end in row_chunks:
+            zp = chunk_logits(hidden, w, buffer_p, start, end)
+            zq = chunk_logits(ref_hidden, w, buffer_q, start, end)
             rows = slice(start, end)
             grad_z = grad_fn(zp, zq, b, counted[rows], kl[rows], lse_p[rows], lse_q[rows], g[rows],
                              temperature)
@@ -228,14 +204,15 @@ def token_kl(hidden, ref_hidden, weight, targets=None, *, bias=None, temperature
     backend = resolve_backend(backend, hidden, op)
     if temperature <= 0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
-    if ref_hidden.shape != hidden.shape or ref_hidden.dtype != hidden.dtype:
-        raise ValueError(f"{op}: ref_hidden must match hidden {tuple(hidden.shape)} {hidden.dtype}, "
-                         f"got {tuple(ref_hidden.shape)} {ref_hidden.dtype}")
+    check_shapes(op, hidden.shape, "that of hidden", ref_hidden=ref_hidden)
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"{op}: ref_hidden dtype {ref_hidden.dtype} must equal hidden dtype {hidden.dtype}")
     if backend == "reference":
         return reference.token_kl(hidden, ref_hidden.detach(), weight.detach(), targets,
                                   bias=None if bias is None else bias.detach(),
                                   temperature=temperature, ignore_index=ignore_index).float()
-    hidden2, (targets1,), lead = flatten_head_inputs(op, hidden, weight, bias, targets)
+    hidden2, rows, lead = flatten_head_inputs(op, hidden, weight, bias, targets=targets)
+    targets1 = rows["targets"]
     counted = (torch.ones(hidden2.shape[0], dtype=torch.bool, device=hidden.device)
                if targets1 is None else (targets1 != ignore_index).contiguous())
     kl = TokenKLFunction.apply(hidden2, ref_hidden.detach().reshape(hidden2.shape), weight.detach(),

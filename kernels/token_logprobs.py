@@ -1,9 +1,10 @@
 """token_logprobs: per-token log-probs (and entropies) straight from hidden states and the LM head.
 
 log p(target) = z[target] - logsumexp(z), z = (hidden @ weight.T + bias) / temperature, without ever
-holding the (N, V) logits: rows are walked in chunks (kernels/_logits_chunks.py), each chunk's logits
+holding the (N, V) logits: rows are walked in chunks (kernels/_lm_head.py), each chunk's logits
 made by one GEMM, reduced, and thrown away. The backward recomputes each chunk's logits (one GEMM),
-turns them in place into d loss / d logits, and makes d hidden and d weight with two more GEMMs.
+turns them in place into d loss / d logits, and makes d hidden and d weight with two more GEMMs;
+d weight is accumulated across chunks in fp32 whatever the inputs' dtype.
 
 Backends: "torch" does the per-chunk math in fp32 torch ops (the lean CPU path); "triton" keeps the
 GEMMs on cuBLAS in the inputs' dtype and does the per-row softmax / gradient in one Triton kernel
@@ -13,13 +14,13 @@ import torch
 
 from . import reference
 from ._dispatch import resolve_backend, triton_available
-from ._logits_chunks import check_targets, chunks, flatten_head_inputs, rows_per_chunk, scale_logits_
+from ._lm_head import check_chunk, check_targets, chunk_logits, chunk_plan, flatten_head_inputs, scale_logits_
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from ._logits_triton import NUM_WARPS, block_v, scaled_logits
+    from ._lm_head import NUM_WARPS, block_v, online_lse_step, scaled_logits
 
     @triton.jit
     def _token_logprobs_fwd_kernel(
@@ -32,12 +33,15 @@ if triton_available():
         # meta-parameters
         HAS_BIAS: tl.constexpr, WANT_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """One program per row: online max / sum-exp / sum p*(z - max) over V, then lp and H."""
+        """One program per row of a logits chunk z (M, V), any float dtype, row-major: an online max /
+        sum-exp / sum exp(z - max) (z - max) over V in BLOCK_V blocks, then the row's log p(target),
+        log-sum-exp and entropy H, fp32 (M,) each. A target outside [0, V) gives NaN; an
+        ignore_index row gives lp = H = 0 (its lse is still written, for the backward).
+        """
         row = tl.program_id(0).to(tl.int64)
         z_row_ptr = z_ptr + row * stride_zm
         target = tl.load(targets_ptr + row).to(tl.int64)
 
-        # finite start so that (m_old - m_new) * s is 0, not inf * 0, on the first block
         m = -1e30
         s = 0.0
         t = 0.0  # sum over V of exp(z - m) * (z - m)
@@ -45,14 +49,11 @@ if triton_available():
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
             z = scaled_logits(z_row_ptr, bias_ptr, offs, mask, temperature, HAS_BIAS)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new)
+            m_new, s_new, alpha, e = online_lse_step(m, s, z)
             if WANT_ENTROPY:
-                shifted = tl.where(mask, z - m_new, 0.0)
-                t = alpha * (t + (m - m_new) * s) + tl.sum(e * shifted, axis=0)
-            s = alpha * s + tl.sum(e, axis=0)
-            m = m_new
+                # re-centre t (and the s it was taken against) on m_new, then add this block
+                t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(mask, z - m_new, 0.0), axis=0)
+            m, s = m_new, s_new
         log_s = tl.log(s)
         lse = m + log_s
 
@@ -79,7 +80,8 @@ if triton_available():
         # meta-parameters
         HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """dz = (g_lp * (onehot - p) - g_ent * p * (log p + H)) / temperature, row by row."""
+        """One program per row: z (M, V) <- d loss / d raw z = (g_lp (onehot - p) - g_ent p (log p + H))
+        / temperature, in z's dtype, with p from the forward's lse; ignore_index rows get 0."""
         row = tl.program_id(0).to(tl.int64)
         z_row_ptr = z_ptr + row * stride_zm
         target = tl.load(targets_ptr + row).to(tl.int64)
@@ -102,15 +104,9 @@ if triton_available():
             tl.store(z_row_ptr + offs, (grad / temperature).to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_chunk(z, targets):
-    if z.dim() != 2 or z.stride(1) != 1 or targets.shape != (z.shape[0],):
-        raise ValueError(f"token_logprobs: expected row-major logits (M, V) and targets (M,), "
-                         f"got {tuple(z.shape)} strides {z.stride()} and {tuple(targets.shape)}")
-
-
 def _stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
     """z (M, V) raw logits of a chunk, any float dtype -> (logprobs, lse, entropy | None), fp32 (M,)."""
-    _check_chunk(z, targets)
+    check_chunk("token_logprobs", z, rows=targets)
     rows, vocab = z.shape
     logprobs = torch.empty(rows, device=z.device, dtype=torch.float32)
     lse = torch.empty_like(logprobs)
@@ -127,7 +123,7 @@ def _stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
 
 def _grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
     """Overwrite the chunk's raw logits z (M, V) with d loss / d z and return it."""
-    _check_chunk(z, targets)
+    check_chunk("token_logprobs", z, rows=targets)
     rows, vocab = z.shape
     has_grad_entropy = grad_ent is not None
     _token_logprobs_bwd_kernel[(rows,)](
@@ -179,11 +175,24 @@ def _grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, 
     return grad
 
 
-# backend -> (chunk stats, chunk gradient, GEMM dtype (None: the inputs'), grad-accumulation dtype)
-_CHUNK_MATH = {
-    "torch": (_stats_torch, _grad_torch, torch.float32, torch.float32),
-    "triton": (_stats_triton, _grad_triton, None, None),
-}
+# backend -> (chunk stats, chunk gradient)
+_CHUNK_MATH = {"torch": (_stats_torch, _grad_torch), "triton": (_stats_triton, _grad_triton)}
+
+
+def add_weight_grad_(grad_weight, grad_z, h):
+    """grad_weight (V, D) fp32 += grad_z.T @ h, for one chunk's grad_z (M, V) and h (M, D) of one dtype.
+
+    A chunk's share is never rounded to bf16/fp16 before it is added, so d weight does not depend on
+    the chunk size beyond fp32 rounding. On CUDA cuBLAS multiplies the low-precision operands and
+    adds into the fp32 tensor in its epilogue (torch.addmm's out_dtype, torch >= 2.10): no (V, D)
+    temporary. Elsewhere low-precision operands are upcast (only the Triton interpreter gets there).
+    """
+    if grad_z.dtype == torch.float32:
+        grad_weight.addmm_(grad_z.t(), h)
+    elif grad_z.is_cuda:
+        torch.addmm(grad_weight, grad_z.t(), h, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight.addmm_(grad_z.t().float(), h.float())
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -196,17 +205,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, backend):
-        stats, _, gemm_dtype, _ = _CHUNK_MATH[backend]
-        w = weight if gemm_dtype is None else weight.to(gemm_dtype)
-        b = None if bias is None else bias.float()
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        size = rows_per_chunk(n_rows, vocab, hidden.device, w.element_size())
-        buffer = torch.empty(size, vocab, device=hidden.device, dtype=w.dtype)
-        logprobs = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
+        stats, _ = _CHUNK_MATH[backend]
+        w, b, row_chunks, (buffer,) = chunk_plan(hidden.shape[0], weight, bias, backend)
+        logprobs = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(logprobs)
         entropy = torch.zeros_like(logprobs)
-        for start, end in chunks(n_rows, size):
-            z = torch.mm(hidden[start:end].to(w.dtype), w.t(), out=buffer[: end - start])
+        for start, end in row_chunks:
+            z = chunk_logits(hidden, w, buffer, start, end)
             lp, lse[start:end], ent = stats(z, b, targets[start:end], temperature, want_entropy,
                                             ignore_index)
             logprobs[start:end] = lp
@@ -223,23 +228,18 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, want_entropy, ignore_index, backend = ctx.config
-        _, grad_fn, gemm_dtype, acc_dtype = _CHUNK_MATH[backend]
+        _, grad_fn = _CHUNK_MATH[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w = weight if gemm_dtype is None else weight.to(gemm_dtype)
-        b = None if bias is None else bias.float()
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        w, b, row_chunks, (buffer,) = chunk_plan(hidden.shape[0], weight, bias, backend)
         g_lp = (torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float()).contiguous()
         g_ent = None
         if want_entropy and grad_entropy is not None:
             g_ent = grad_entropy.float().contiguous()
 
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device,
-                                  dtype=acc_dtype or weight.dtype) if need_w else None
-        grad_bias = torch.zeros(vocab, device=hidden.device, dtype=torch.float32) if need_b else None
-        size = rows_per_chunk(n_rows, vocab, hidden.device, w.element_size())
-        buffer = torch.empty(size, vocab, device=hidden.device, dtype=w.dtype)
-        for start, end in chunks(n_rows, size):
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], device=hidden.device, dtype=torch.float32) if need_b else None
+        for start, end in row_chunks:
             h = hidden[start:end].to(w.dtype)
             z = torch.mm(h, w.t(), out=buffer[: end - start])
             rows = slice(start, end)
@@ -248,7 +248,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
             if need_h:
                 grad_hidden[rows] = grad_z @ w
             if need_w:
-                grad_weight.addmm_(grad_z.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+                add_weight_grad_(grad_weight, grad_z, h)
             if need_b:
                 grad_bias += grad_z.sum(0, dtype=torch.float32)
         return (grad_hidden,
@@ -278,7 +278,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, retur
             hidden, weight, targets, bias=bias, temperature=temperature,
             return_entropy=return_entropy, ignore_index=ignore_index)
         return logprobs.float(), None if entropy is None else entropy.float()
-    hidden2, (targets1,), lead = flatten_head_inputs(op, hidden, weight, bias, targets)
+    hidden2, rows, lead = flatten_head_inputs(op, hidden, weight, bias, targets=targets)
+    targets1 = rows["targets"]
     check_targets(op, targets1, weight.shape[0], ignore_index)
     logprobs, entropy = TokenLogprobsFunction.apply(
         hidden2, weight, bias, targets1.contiguous(), float(temperature), bool(return_entropy),

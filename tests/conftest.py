@@ -1,4 +1,5 @@
-"""Test harness: Triton through its interpreter on CPU, the `gpu` marker, and a tiny saved model."""
+"""Test harness: where each backend's tensors live, Triton through its interpreter without CUDA, the
+`gpu` marker, a small chunk budget for the fused LM-head ops, and a tiny saved model."""
 import os
 
 import pytest
@@ -8,6 +9,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Triton reads this when a kernel is decorated, so it must be set before kernels are imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import device_for  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +25,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def device(request):
+    """The device this test's tensors belong on: that of its `backend` parameter (helpers.device_for:
+    CUDA where there is one, the CPU for "native" or without CUDA); a test without a `backend`
+    parameter (a model test, say) gets CUDA where there is one, else the CPU."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend", "auto") if callspec else "auto"
+    return device_for(backend)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """A 50 kB logits budget per chunk on every device, so the fused LM-head ops walk several
+    chunks (4 to 250 rows) with a ragged last one."""
+    from rlhf_fast.kernels import _lm_head
+
+    monkeypatch.setattr(_lm_head, "CPU_CHUNK_BYTES", 50_000)
+    monkeypatch.setattr(_lm_head, "CUDA_CHUNK_BYTES", 50_000)
 
 
 @pytest.fixture(scope="session")

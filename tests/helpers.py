@@ -1,14 +1,22 @@
-"""Comparison helpers that explain a failure: the worst indices and any NaN/inf mismatch."""
+"""What every test module uses (tests never import each other): comparisons that explain a failure,
+where each backend's tensors live, and masks of response tokens."""
 import torch
 
 
+def device_for(backend: str) -> torch.device:
+    """Where a backend's inputs live in the tests: CUDA where there is one, else the CPU (Triton then
+    runs through its interpreter, which conftest turns on). "native" is a CPU op: always the CPU."""
+    cuda = torch.cuda.is_available() and backend != "native"
+    return torch.device("cuda" if cuda else "cpu")
+
+
 def relative_error(out, ref) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def assert_rel_close(out, ref, tol, name="output"):
-    """||out - ref|| / ||ref|| <= tol, with matching shapes and NaN/inf positions."""
+    """||out - ref|| / ||ref|| <= tol, with matching shapes and NaN/inf positions (any devices)."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     bad_out, bad_ref = ~torch.isfinite(out64), ~torch.isfinite(ref64)
@@ -23,3 +31,27 @@ def assert_rel_close(out, ref, tol, name="output"):
         rows = [(tuple(int(j) for j in torch.unravel_index(torch.tensor(i), out64.shape)), out64.flatten()[i].item(),
                  ref64.flatten()[i].item()) for i in worst.tolist()]
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; worst (index, out, ref): {rows}")
+
+
+def response_mask(B, T, holes=False):
+    """(B, T) bool on the CPU: one span of response tokens per row with left and right padding.
+
+    Row 0 is full, row 1 empty, row 2 a single token, the rest random spans (rows that exist);
+    holes=True also punches a gap into each span (not the convention, but the spec covers it).
+    """
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for row in range(B):
+        if row == 0:
+            start, end = 0, T
+        elif row == 1:
+            start, end = 0, 0
+        elif row == 2:
+            start = int(torch.randint(T, ()))
+            end = start + 1
+        else:
+            start = int(torch.randint(T, ()))
+            end = int(torch.randint(start, T + 1, ()))
+        mask[row, start:end] = True
+        if holes and end - start > 2:
+            mask[row, (start + end) // 2] = False
+    return mask

@@ -2,16 +2,16 @@
 import pytest
 import torch
 
-from compare import assert_rel_close
+from helpers import assert_rel_close, response_mask
 from rlhf_fast.kernels import gae, native, reference
-from test_gae import response_mask
 
 built = pytest.mark.skipif(not native.available(),
                            reason="native CPU ops are not built: bash scripts/install.sh --native")
 
 
 def inputs(B, T, dtype):
-    return torch.randn(B, T, dtype=dtype), torch.randn(B, T, dtype=dtype), response_mask(B, T).cpu()
+    """CPU rewards, values (B, T) of dtype and a bool response mask: the native op is a CPU op."""
+    return torch.randn(B, T, dtype=dtype), torch.randn(B, T, dtype=dtype), response_mask(B, T)
 
 
 @built

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from compare import assert_rel_close
+from helpers import assert_rel_close
 from rlhf_fast.models.logprobs import sequence_logprobs
 
 

@@ -1,18 +1,14 @@
-"""token_kl (torch and interpreted Triton backends) against a full-softmax fp64 KL."""
+"""token_kl (torch and Triton backends) against a full-softmax fp64 KL."""
 import pytest
 import torch
 
-from compare import assert_rel_close, relative_error
-from rlhf_fast.kernels import _logits_chunks, token_kl
+from helpers import assert_rel_close, relative_error
+from rlhf_fast.kernels import token_kl
+
+pytestmark = pytest.mark.usefixtures("small_chunks")
 
 BACKENDS = ["torch", "triton"]
 SHAPES = [(1, 16, 50), (45, 24, 257), (131, 40, 1000), (200, 64, 3001)]
-
-
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    """A 50 kB chunk budget, so every test walks several chunks with a ragged last one."""
-    monkeypatch.setattr(_logits_chunks, "CPU_CHUNK_BYTES", 50_000)
 
 
 def full_softmax_kl(hidden, ref_hidden, weight, bias=None, temperature=1.0):
@@ -27,6 +23,7 @@ def full_softmax_kl(hidden, ref_hidden, weight, bias=None, temperature=1.0):
 
 
 def make_inputs(n, d, v, dtype=torch.float32, bias=True):
+    """CPU inputs (the same on every machine); the tests move them to their device."""
     hidden = torch.randn(n, d).to(dtype).requires_grad_()
     ref_hidden = (hidden.detach().float() + 0.7 * torch.randn(n, d)).to(dtype)
     weight = (torch.randn(v, d) / d ** 0.5 * 2).to(dtype)
@@ -34,29 +31,37 @@ def make_inputs(n, d, v, dtype=torch.float32, bias=True):
     return hidden, ref_hidden, weight, b
 
 
+def on(device, *tensors):
+    """Copies on device (None stays None); a grad-requiring tensor stays a grad-requiring leaf."""
+    return [None if x is None else x.detach().to(device, copy=True).requires_grad_(x.requires_grad)
+            for x in tensors]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,d,v", SHAPES)
-def test_matches_full_softmax_kl_and_its_gradient(backend, n, d, v):
+def test_matches_full_softmax_kl_and_its_gradient(backend, n, d, v, device):
     temperature = 1.3 if v % 2 else 1.0
     hidden, ref_hidden, weight, bias = make_inputs(n, d, v, bias=v != 1000)
     grad = torch.randn(n)
-    kl = token_kl(hidden, ref_hidden, weight, bias=bias, temperature=temperature, backend=backend)
-    (kl * grad).sum().backward()
+    h = hidden.detach().to(device, copy=True).requires_grad_()
+    kl = token_kl(h, *on(device, ref_hidden, weight), bias=on(device, bias)[0], temperature=temperature,
+                  backend=backend)
+    (kl * grad.to(device)).sum().backward()
     h64 = hidden.detach().double().requires_grad_()
     want = full_softmax_kl(h64, ref_hidden, weight, bias, temperature)
     (want * grad.double()).sum().backward()
     assert kl.dtype == torch.float32 and kl.shape == (n,)
     assert_rel_close(kl, want, 1e-5, "kl")
-    assert_rel_close(hidden.grad, h64.grad, 1e-5, "d hidden")
+    assert_rel_close(h.grad, h64.grad, 1e-5, "d hidden")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ignored_rows_3d_and_constants_get_no_gradient(backend):
+def test_ignored_rows_3d_and_constants_get_no_gradient(backend, device):
     b, t, d, v = 2, 13, 16, 257
-    hidden = torch.randn(b, t, d, requires_grad=True)
-    ref_hidden = torch.randn(b, t, d, requires_grad=True)
-    weight = torch.randn(v, d, requires_grad=True)
-    targets = torch.randint(0, v, (b, t))
+    hidden = torch.randn(b, t, d).to(device).requires_grad_()
+    ref_hidden = torch.randn(b, t, d).to(device).requires_grad_()
+    weight = torch.randn(v, d).to(device).requires_grad_()
+    targets = torch.randint(0, v, (b, t)).to(device)
     targets[:, :4] = -100
     kl = token_kl(hidden, ref_hidden, weight, targets, backend=backend)
     kl.sum().backward()
@@ -69,16 +74,16 @@ def test_ignored_rows_3d_and_constants_get_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_same_hidden_gives_zero_kl(backend):
-    hidden, _, weight, bias = make_inputs(19, 16, 257)
+def test_same_hidden_gives_zero_kl(backend, device):
+    hidden, _, weight, bias = on(device, *make_inputs(19, 16, 257))
     kl = token_kl(hidden, hidden.detach(), weight, bias=bias, backend=backend)
     assert kl.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_within_twice_eager_and_deterministic(backend):
+def test_bf16_within_twice_eager_and_deterministic(backend, device):
     n, d, v = 61, 64, 1000
-    hidden, ref_hidden, weight, bias = make_inputs(n, d, v, dtype=torch.bfloat16)
+    hidden, ref_hidden, weight, bias = on(device, *make_inputs(n, d, v, dtype=torch.bfloat16))
     runs = [token_kl(hidden, ref_hidden, weight, bias=bias, backend=backend) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     eager_logits = [(h @ weight.T + bias).float() for h in (hidden.detach(), ref_hidden)]
@@ -93,5 +98,7 @@ def test_reference_backend_and_bad_shapes():
     kl = token_kl(hidden, ref_hidden, weight, backend="reference")
     assert kl.dtype == torch.float32
     assert_rel_close(kl, full_softmax_kl(hidden, ref_hidden, weight), 1e-6, "reference kl")
-    with pytest.raises(ValueError, match="ref_hidden must match"):
+    with pytest.raises(ValueError, match=r"ref_hidden has shape \(4, 16\), expected \(5, 16\)"):
         token_kl(hidden, ref_hidden[:4], weight)
+    with pytest.raises(TypeError, match="ref_hidden dtype"):
+        token_kl(hidden, ref_hidden.double(), weight)
