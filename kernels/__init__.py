@@ -18,7 +18,6 @@ from .masked_whiten import masked_whiten
 from .advantages import advantages
 from .linear_ppo import linear_ppo_loss
 from . import native, reference
-from . import kl  # noqa: F401  transitional: kernels.kl.ESTIMATORS (kernels/kl.py says when it goes)
 
 __all__ = [
     "KL_ESTIMATORS", "token_logprobs", "token_kl", "kl_penalty", "kl_penalized_rewards",

@@ -23,8 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from rlhf_fast.errors import CheckpointError
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -90,14 +92,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def latest_checkpoint(run_dir) -> Path | None:
-    """The `step-NNNNNN` directory under run_dir with the highest step, or None if there is none."""
+def checkpoints(run_dir) -> list[Path]:
+    """The `step-NNNNNN` directories under run_dir, newest (highest step) first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return None
+        return []
     steps = [(int(m.group(1)), p) for p in run_dir.iterdir()
              if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The `step-NNNNNN` directory under run_dir with the highest step, or None if there is none."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def remove_stale_temporaries(directory) -> list[Path]:
+    """Delete the hidden `.<name>.tmp-*` / `.<name>.old-*` directories that a killed save left in
+    `directory`; returns what was removed."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob(".*.tmp-*") if p.is_dir()] + \
+            [p for p in directory.glob(".*.old-*") if p.is_dir()] if directory.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:
@@ -108,8 +127,31 @@ def checkpoint_dir(run_dir, step: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Tensors
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{name: count of NaN/inf values} for every floating-point tensor that has any."""
+    counts = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError naming `where` and the first tensors when any value is NaN or inf:
+    non-finite weights are never saved and never loaded."""
+    bad = non_finite(tensors)
+    if bad:
+        names = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:3])
+        raise CheckpointError(f"{where}: {sum(bad.values())} non-finite weight values in {len(bad)} tensor(s), "
+                              f"e.g. {names}; refusing to use them")
+
+
 def save_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write named tensors to a safetensors file (copied to CPU; shared storage is cloned apart)."""
+    """Write named tensors to a safetensors file (copied to CPU; shared storage is cloned apart).
+    Non-finite floating-point values are refused (CheckpointError)."""
+    check_finite(tensors, os.fspath(path))
     out, seen = {}, set()
     for name, tensor in tensors.items():
         tensor = tensor.detach().cpu().contiguous()
@@ -122,9 +164,15 @@ def save_tensors(path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file (no pickle involved) onto `device`."""
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    """Read every tensor of a safetensors file (no pickle involved) onto `device`; a missing,
+    truncated or corrupt file is a CheckpointError naming it."""
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +238,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _read_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,23 +315,41 @@ def save_training_state(directory, *, optimizer=None, scheduler=None, step: int,
         raise TypeError(f"extra must be plain JSON (numbers, strings, lists, dicts): {e}") from None
 
 
+def read_training_state(directory) -> dict:
+    """Everything save_training_state wrote, read into memory and applied nowhere: {"step",
+    "extra", "optimizer", "scheduler", "rng"} (None for what was not saved). A missing or corrupt
+    file is a CheckpointError naming it, before any state has been touched."""
+    directory = Path(directory)
+    trainer_state = _read_json(directory / "trainer_state.json")
+    found = trainer_state.get("format") if isinstance(trainer_state, dict) else trainer_state
+    if found != FORMAT_VERSION:
+        raise CheckpointError(f"{directory / 'trainer_state.json'}: checkpoint format {found!r}, "
+                              f"this version reads format {FORMAT_VERSION}")
+    state = {"step": trainer_state["step"], "extra": trainer_state["extra"]}
+    for name in ("optimizer", "scheduler"):
+        state[name] = load_state_dict(directory, name) if (directory / f"{name}.json").exists() else None
+    state["rng"] = (load_tensors(directory / "rng.safetensors"), _read_json(directory / "rng.json"))
+    return state
+
+
+def apply_training_state(state: dict, *, optimizer=None, scheduler=None, restore_rng: bool = True) -> None:
+    """Load a read_training_state() result into the optimizer, scheduler and RNGs."""
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is None:
+            continue
+        if state[name] is None:
+            raise CheckpointError(f"no {name} state was saved in this checkpoint")
+        target.load_state_dict(state[name])
+    if restore_rng:
+        _set_rng_state(*state["rng"])
+
+
 def load_training_state(directory, *, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:
     """Restore what save_training_state wrote; returns {"step": int, "extra": dict}.
 
     The optimizer's state tensors are moved to its parameters' device and dtype by torch's own
     `load_state_dict`. Nothing is unpickled: tensors come from safetensors, the rest from JSON.
     """
-    directory = Path(directory)
-    trainer_state = _read_json(directory / "trainer_state.json")
-    if trainer_state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: checkpoint format {trainer_state.get('format')!r}, "
-                         f"this version reads format {FORMAT_VERSION}")
-    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if target is None:
-            continue
-        if not (directory / f"{name}.json").exists():
-            raise FileNotFoundError(f"{directory}: no {name} state was saved in this checkpoint")
-        target.load_state_dict(load_state_dict(directory, name))
-    if restore_rng:
-        _set_rng_state(load_tensors(directory / "rng.safetensors"), _read_json(directory / "rng.json"))
-    return {"step": trainer_state["step"], "extra": trainer_state["extra"]}
+    state = read_training_state(directory)
+    apply_training_state(state, optimizer=optimizer, scheduler=scheduler, restore_rng=restore_rng)
+    return {"step": state["step"], "extra": state["extra"]}

@@ -4,9 +4,11 @@ Each stage module exposes a config dataclass and `run(config)`; the flags and th
 generated from the dataclass, so `rlhf-fast ppo --help` always matches the code.
 """
 import importlib
+import os
 import sys
 
-from rlhf_fast.config import ConfigError, help_text, load_config, markdown_table, parse_overrides
+from rlhf_fast.config import help_text, load_config, markdown_table, parse_overrides
+from rlhf_fast.errors import UserError
 
 # command -> (module, config class name or None for a module with its own main(), one-line help)
 COMMANDS = {
@@ -25,8 +27,9 @@ COMMANDS = {
 def usage() -> str:
     width = max(map(len, COMMANDS)) + 2
     lines = [f"  {name:<{width}}{help_}" for name, (_, _, help_) in COMMANDS.items()]
-    return ("usage: rlhf-fast <command> [--config FILE.yaml] [--key value ...]\n\ncommands:\n"
-            + "\n".join(lines) + "\n\n`rlhf-fast <command> --help` lists that command's keys.")
+    return ("usage: rlhf-fast <command> [--config FILE.yaml] [--key value ...] [--debug]\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`rlhf-fast <command> --help` lists that command's keys. Errors print one "
+            "line;\n--debug (or RLHF_FAST_DEBUG=1) shows the traceback.")
 
 
 def run_stage(module, class_name: str, argv: list[str], prog: str) -> int:
@@ -59,7 +62,8 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], [a for a in argv[1:] if a != "--debug"]
+    debug = "--debug" in argv[1:] or os.environ.get("RLHF_FAST_DEBUG", "") not in ("", "0")
     if command not in COMMANDS:
         print(f"rlhf-fast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
@@ -70,8 +74,10 @@ def main(argv=None) -> int:
         if class_name is None:
             return module.main(rest, prog=prog) or 0
         return run_stage(module, class_name, rest, prog)
-    except ConfigError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"{prog}: {' '.join(str(error).split(chr(10)))}", file=sys.stderr)
         raise SystemExit(2)
 
 

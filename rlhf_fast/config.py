@@ -1,26 +1,60 @@
 """Stage configs: one dataclass per stage, read from YAML and `--key value` overrides.
 
-Every field is declared with `option(default, help)`; the CLI's --help and the README's field
-tables are generated from those declarations, so they cannot drift. Unknown keys are an error
-that names them, and each config checks its own arithmetic when it is built.
+Every field is declared with `option(default, help, ...)`, with its range or choices; the CLI's
+--help and the README's field tables are generated from those declarations, so they cannot drift.
+Unknown keys, duplicate YAML keys, values of the wrong type (a float for an integer) or out of
+range are errors that name the key, raised when the config is built, before anything loads; each
+config then checks its own arithmetic.
 """
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown keys, a wrong type, inconsistent batch sizes."""
+from rlhf_fast.errors import ConfigError
 
 
-def option(default, help: str):
-    """A config field with its one-line documentation."""
+def option(default, help: str, *, min=None, max=None, above=None, below=None, choices=None):
+    """A config field with its one-line documentation and the values it takes: min / max
+    inclusive bounds, above / below exclusive ones, or a tuple of choices."""
+    checks = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below),
+                                ("choices", choices)) if v is not None}
+    metadata = {"help": help, "checks": checks}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _check_value(name: str, kind, value, checks: dict) -> None:
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}: expected int, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    bounds = (("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+              ("above", lambda v, b: v > b, ">"), ("below", lambda v, b: v < b, "<"))
+    for key, ok, sign in bounds:
+        if key in checks and not ok(value, checks[key]):
+            raise ConfigError(f"{name}: must be {sign} {checks[key]}, got {value!r}")
+    if "choices" in checks and value not in checks["choices"]:
+        raise ConfigError(f"{name}: must be one of {list(checks['choices'])}, got {value!r}")
+
+
+def check_fields(config) -> None:
+    """Every field's type and declared range; stages call it first in __post_init__, so a config
+    built from Python is checked like one read from YAML or the command line."""
+    types_by_name = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        _check_value(f.name, types_by_name[f.name], getattr(config, f.name), f.metadata.get("checks", {}))
 
 
 def _field_types(cls) -> dict:
@@ -57,6 +91,8 @@ def _coerce(name: str, kind, value):
     if kind in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if kind is int and isinstance(value, float):
+            raise ConfigError(f"{name}: expected int, got {value!r} (a float)")
         try:
             number = float(value) if kind is float else int(value)
         except (TypeError, ValueError):
@@ -78,14 +114,48 @@ def build_config(cls, values: dict, *, source: str = "config"):
     return cls(**coerced)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a mapping with the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                  f"(first at line {seen[key]})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path) -> dict:
+    """A YAML mapping from `path`; a missing file, a syntax error or a duplicate key is a
+    ConfigError naming the file (and the line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e})") from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return loaded
+
+
 def load_config(cls, path=None, overrides: dict | None = None):
     """YAML file (optional) updated by overrides, as a `cls` instance."""
     values = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        values.update(loaded)
+        values.update(read_yaml(path))
     values.update(overrides or {})
     return build_config(cls, values, source=str(path or "config"))
 
@@ -120,8 +190,14 @@ def describe(cls) -> list[tuple[str, str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = types_by_name[f.name]
         rows.append((f.name, getattr(kind, "__name__", str(kind)).replace("typing.", ""),
-                     repr(default), f.metadata.get("help", "")))
+                     repr(default), f.metadata.get("help", "") + _range_text(f.metadata.get("checks", {}))))
     return rows
+
+
+def _range_text(checks: dict) -> str:
+    signs = {"min": ">=", "max": "<=", "above": ">", "below": "<"}
+    parts = [f"{signs[k]} {v}" for k, v in checks.items() if k in signs]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def markdown_table(cls) -> str:
@@ -133,6 +209,12 @@ def markdown_table(cls) -> str:
 def help_text(cls) -> str:
     width = max(len(n) for n, *_ in describe(cls)) + 2
     return "\n".join(f"  --{n:<{width}}{h} [{t}, default {d}]" for n, t, d, h in describe(cls))
+
+
+def require(value: str, name: str, what: str) -> None:
+    """A key that must be set (empty strings are the unset default)."""
+    if not value:
+        raise ConfigError(f"{name}: required; set it to {what}")
 
 
 def check_divides(big: int, small: int, what: str) -> None:

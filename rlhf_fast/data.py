@@ -22,9 +22,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-
-class DataError(ValueError):
-    """A record that cannot be used; the message starts with "path:line: "."""
+from rlhf_fast.errors import DataError
 
 
 # Llama 2 (Touvron et al. 2023), Table 28: the margin m(r) added to the binary ranking loss,
@@ -76,9 +74,18 @@ def read_jsonl(path) -> Iterator[tuple[str, dict]]:
     """Yield ("path:line", object) for every non-blank line; DataError on a line that is not an object."""
     path = os.fspath(path)
     found = False
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; expected a JSONL file") from None
+    with f:
         for number, raw in enumerate(f, start=1):
             source = f"{path}:{number}"
+            if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{source}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                                "save it as UTF-8")
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:

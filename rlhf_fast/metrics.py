@@ -5,13 +5,23 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to <dir>/metrics.jsonl; TensorBoard when installed."""
+    """Appends one JSON object per logged step to <dir>/metrics.jsonl; TensorBoard when installed.
 
-    def __init__(self, output_dir, tensorboard: bool = True):
+    Rows are strict JSON: a NaN or inf value is written as null. `resumed_at` (the step a resumed
+    run continues from) drops the rows an interrupted session logged after that step, so a resumed
+    run's file holds each step once.
+    """
+
+    def __init__(self, output_dir, tensorboard: bool = True, resumed_at: int | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if resumed_at is not None and _step_of(line) <= resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self.history = [json.loads(line) for line in kept]
         self._tb = None
         if tensorboard:
             try:
@@ -24,7 +34,7 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -38,9 +48,19 @@ class MetricsLogger:
 
 
 def _plain(value):
+    """A JSON-ready number: tensors as Python scalars, NaN and inf as None."""
     if hasattr(value, "item"):
         value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:
+        return math.inf  # a torn last line from a killed session
 
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:

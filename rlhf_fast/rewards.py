@@ -25,9 +25,11 @@ class RewardConfig:
     reward_models: dict = option({}, "several named reward models, {name: directory} (e.g. helpful, "
                                      "safety); replaces reward_model")
     reward_combination: str = option("linear", "how several scores become one: 'linear' (weighted sum of "
-                                               "whitened scores) or 'llama2' (safety/helpfulness rule)")
+                                               "whitened scores) or 'llama2' (safety/helpfulness rule)",
+                                     choices=COMBINATIONS)
     reward_weights: dict = option({}, "linear combination weights by reward model name (default 1 each)")
-    safety_threshold: float = option(0.15, "llama2: use the safety score when sigmoid(safety) is below this")
+    safety_threshold: float = option(0.15, "llama2: use the safety score when sigmoid(safety) is below this",
+                                     min=0.0, max=1.0)
     safety_tag: str = option("safety", "llama2: prompts with this tag always use the safety score")
 
     def check_rewards(self) -> None:

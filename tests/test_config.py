@@ -8,7 +8,7 @@ from rlhf_fast.stages.sft import SFTConfig
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "sft.yaml"
-    path.write_text("model: /m\nlearning_rate: 3.0e-4\nbatch_size: 8\nmicro_batch_size: 4\n")
+    path.write_text("model: /m\ndata: /d.jsonl\nlearning_rate: 3.0e-4\nbatch_size: 8\nmicro_batch_size: 4\n")
     config = load_config(SFTConfig, path, parse_overrides(["--learning_rate", "1e-5", "--resume=true"]))
     assert (config.model, config.learning_rate, config.batch_size, config.resume) == ("/m", 1e-5, 8, True)
     assert config.accumulation_steps == 2

@@ -1,10 +1,14 @@
 """LoRA adapters (peft) on one base model: add, load, merge, switch, and freeze the rest."""
 import contextlib
 import re
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+
+from rlhf_fast.checkpoint import check_finite
+from rlhf_fast.errors import ModelDirError
 
 _ADAPTER_OF_PARAM = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)")
 
@@ -33,13 +37,18 @@ def add_lora(model: nn.Module, name: str, *, r: int, alpha: int, dropout: float 
 def load_lora(model: nn.Module, path, name: str, *, trainable: bool = False) -> nn.Module:
     """Load a saved adapter under `name` onto `model`, keeping the active adapter and every
     other adapter's trainable flags."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise ModelDirError(f"{path}: not a saved LoRA adapter (no adapter_config.json)")
     if not isinstance(model, PeftModel):
-        return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
-    active, flags = model.active_adapter, {n: p.requires_grad for n, p in model.named_parameters()}
-    model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
-    model.set_adapter(active)
-    for n, p in model.named_parameters():
-        p.requires_grad_(flags.get(n, trainable))  # the new adapter's parameters get `trainable`
+        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+    else:
+        active, flags = model.active_adapter, {n: p.requires_grad for n, p in model.named_parameters()}
+        model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        model.set_adapter(active)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, trainable))  # the new adapter's parameters get `trainable`
+    check_finite({n: p for n, p in model.named_parameters()
+                  if (m := _ADAPTER_OF_PARAM.search(n)) and m.group(1) == name}, str(path))
     return model
 
 

@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from rlhf_fast.checkpoint import check_finite, load_tensors, save_tensors
+from rlhf_fast.errors import ModelDirError
 
 
 class ScalarHead(nn.Module):
@@ -19,13 +21,18 @@ class ScalarHead(nn.Module):
         return self.proj(hidden.float()).squeeze(-1)
 
     def save(self, path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path))
+        """safetensors; non-finite weights are refused."""
+        save_tensors(path, self.state_dict())
 
     @classmethod
     def load(cls, path, device="cpu") -> "ScalarHead":
+        """A saved head; a missing, corrupt or non-finite file is an error naming it."""
         if not Path(path).exists():
-            raise FileNotFoundError(f"scalar head {path} does not exist")
-        state = load_file(str(path), device=str(device))
+            raise ModelDirError(f"scalar head {path} does not exist")
+        state = load_tensors(path, device=device)
+        check_finite(state, str(path))
+        if "proj.weight" not in state:
+            raise ModelDirError(f"{path}: not a scalar head (no proj.weight)")
         head = cls(state["proj.weight"].shape[1]).to(device)
         head.load_state_dict(state)
         return head

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf_fast.checkpoint import atomic_directory, check_finite
+from rlhf_fast.errors import ModelDirError
 from rlhf_fast.models.adapters import active_adapter, load_lora
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_causal_lm
@@ -32,19 +34,23 @@ class RewardModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.head(hidden[rows, last_token_index(attention_mask)])
 
-    def save(self, directory, base=None) -> None:
-        """`base`: the model directory an adapter was trained on, recorded so that the reward model
+    def save(self, directory, base=None) -> Path:
+        """Write the reward model to `directory` whole or not at all; non-finite weights are refused.
+        `base`: the model directory an adapter was trained on, recorded so that the reward model
         can later be loaded on its own (rejection sampling scores a policy that has moved on)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.adapter is not None:
-            self.trunk.save_pretrained(str(directory / "adapter"), selected_adapters=[self.adapter])
-        else:
-            unwrap_peft(self.trunk).save_pretrained(directory / "model")
-        self.head.save(directory / HEAD_FILE)
-        kind = "adapter" if self.adapter is not None else "model"
-        (directory / CONFIG_FILE).write_text(json.dumps({"kind": kind, "adapter_name": self.adapter,
-                                                          "base": None if base is None else str(base)}))
+        trained = {n: p for n, p in self.named_parameters() if p.requires_grad or self.adapter is None}
+        check_finite(trained, str(directory))
+        with atomic_directory(directory) as tmp:
+            if self.adapter is not None:
+                self.trunk.save_pretrained(str(tmp / "adapter"), selected_adapters=[self.adapter])
+            else:
+                unwrap_peft(self.trunk).save_pretrained(tmp / "model")
+            self.head.save(tmp / HEAD_FILE)
+            kind = "adapter" if self.adapter is not None else "model"
+            (tmp / CONFIG_FILE).write_text(json.dumps({"kind": kind, "adapter_name": self.adapter,
+                                                        "base": None if base is None else str(base)}))
+        return directory
 
 
 def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name: str = "reward",
@@ -53,13 +59,17 @@ def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name:
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{directory} is not a saved reward model (no {CONFIG_FILE})")
-    saved = json.loads(config_path.read_text())
+        what = "does not exist" if not directory.exists() else f"is not a saved reward model (no {CONFIG_FILE})"
+        raise ModelDirError(f"reward model {directory} {what}; `rlhf-fast rm` writes <output_dir>/reward")
+    try:
+        saved = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ModelDirError(f"{config_path}: not valid JSON ({e})") from None
     head = ScalarHead.load(directory / HEAD_FILE, device=device)
     if saved["kind"] == "adapter":
         if shared_trunk is None:
             if not saved.get("base"):
-                raise ValueError(f"{directory}: an adapter reward model needs the base model it was trained on")
+                raise ModelDirError(f"{directory}: an adapter reward model needs the base model it was trained on")
             shared_trunk = load_causal_lm(saved["base"], device=device, dtype=dtype, attn=attn).requires_grad_(False)
         adapter_dir = directory / "adapter"
         if saved.get("adapter_name") and (adapter_dir / saved["adapter_name"]).is_dir():

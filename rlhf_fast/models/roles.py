@@ -91,6 +91,9 @@ class ActorCritic(nn.Module):
             hidden = hidden.detach()
         return self.value_head(hidden[:, :-1])
 
+    def head_vocab_size(self) -> int:
+        return lm_head_of(self.model).weight.shape[0]
+
     @staticmethod
     def logprobs(inputs: HeadInputs, *, temperature: float, return_entropy=False):
         """log pi(token t+1) on the [B, L-1] frame through the fused head; 0 off the response."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_fast.candidates import sample_and_score, select_best
-from rlhf_fast.config import ConfigError, option
+from rlhf_fast.config import check_fields, option, require
 from rlhf_fast.data import write_jsonl
 from rlhf_fast.device import pick_device
 from rlhf_fast.rewards import RewardConfig
@@ -22,20 +22,19 @@ class GenerateConfig(RewardConfig, SamplingConfig):
     model: str = option("", "local Hugging Face model directory to sample from")
     prompts: str = option("", "prompt JSONL file")
     output: str = option("generations.jsonl", "where each prompt's best response goes (candidates: *.all.jsonl)")
-    best_of: int = option(4, "N: samples drawn per prompt, the best kept")
-    batch_size: int = option(8, "prompts per generate call")
+    best_of: int = option(4, "N: samples drawn per prompt, the best kept", min=1)
+    batch_size: int = option(8, "prompts per generate call", min=1)
     seed: int = option(0, "sampling seed")
     device: str = option("auto", "'auto', 'cuda' or 'cpu'")
     dtype: str = option("auto", "'auto' (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
     attn_implementation: str = option("auto", "'auto' (flash_attention_2 if installed, else sdpa)")
 
     def __post_init__(self):
+        check_fields(self)
         self.check_rewards()
         self.check_sampling()
-        if not self.model or not self.prompts:
-            raise ConfigError("generate needs model and prompts")
-        if self.best_of < 1:
-            raise ConfigError(f"best_of must be >= 1, got {self.best_of}")
+        require(self.model, "model", "a local Hugging Face model directory")
+        require(self.prompts, "prompts", "a prompt JSONL file")
 
 
 def run(config: GenerateConfig) -> Path:

@@ -16,7 +16,8 @@ import torch
 
 from rlhf_fast import data, kernels, rewards
 from rlhf_fast.batching import collate
-from rlhf_fast.config import ConfigError, check_divides, option
+from rlhf_fast.checkpoint import atomic_directory, check_finite
+from rlhf_fast.config import ConfigError, check_divides, option, require
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
@@ -29,8 +30,9 @@ from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import Rollout, SamplingConfig, sample_with
 from rlhf_fast.seeding import run_generator, seed_everything
 from rlhf_fast.training.config import TrainConfig
-from rlhf_fast.training.loop import run_steps
-from rlhf_fast.training.optim import build_optimizer, clip_and_step
+from rlhf_fast.training.loop import run_steps, save_final
+from rlhf_fast.training import rundir
+from rlhf_fast.training.optim import OptimizerStep, build_optimizer
 
 
 @dataclass
@@ -38,47 +40,46 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     """PPO on {"prompt"} JSONL against a reward model saved by `rlhf-fast rm`."""
 
     prompts: str = option("", "prompt JSONL file")
-    iterations: int = option(20, "rollout + update iterations")
-    mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch")
-    ppo_epochs: int = option(2, "passes over each rollout batch")
-    max_new_tokens: int = option(32, "response budget per rollout")
-    clip_low: float = option(0.2, "PPO ratio clip below 1")
-    clip_high: float = option(0.2, "PPO ratio clip above 1")
-    value_clip: float = option(0.2, "value-function clip around the old values")
-    vf_coef: float = option(0.5, "weight of the value loss")
+    iterations: int = option(20, "rollout + update iterations", min=1)
+    mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch", min=1)
+    ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
+    max_new_tokens: int = option(32, "response budget per rollout", min=1)
+    clip_low: float = option(0.2, "PPO ratio clip below 1", min=0.0, below=1.0)
+    clip_high: float = option(0.2, "PPO ratio clip above 1", min=0.0)
+    value_clip: float = option(0.2, "value-function clip around the old values", min=0.0)
+    vf_coef: float = option(0.5, "weight of the value loss", min=0.0)
     entropy_coef: float = option(0.0, "entropy bonus weight")
-    gamma: float = option(1.0, "GAE discount")
-    lam: float = option(0.95, "GAE lambda")
-    kl_coef: float = option(0.05, "initial beta of the per-token KL penalty in the reward")
-    kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1, k2 or k3")
-    target_kl: float = option(0.0, "adaptive KL controller's target (0 = fixed beta)")
-    kl_horizon: int = option(10000, "adaptive KL controller's horizon (samples)")
+    gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
+    lam: float = option(0.95, "GAE lambda", min=0.0, max=1.0)
+    kl_coef: float = option(0.05, "initial beta of the per-token KL penalty in the reward", min=0.0)
+    kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1, k2 or k3",
+                               choices=kernels.KL_ESTIMATORS)
+    target_kl: float = option(0.0, "adaptive KL controller's target (0 = fixed beta)", min=0.0)
+    kl_horizon: int = option(10000, "adaptive KL controller's horizon (samples)", min=1)
     whiten_advantages: bool = option(True, "whiten advantages over the batch's response tokens")
     normalize_scores: bool = option(False, "standardise scores by running mean/std")
-    score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)")
+    score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)", min=0.0)
     missing_eos_penalty: float = option(0.0, "subtracted from the score of responses without EOS")
     value_mode: str = option("head", "value function: 'head' on the policy trunk (detached), 'shared' "
-                                     "(its gradient trains the trunk too), 'adapter' (own LoRA adapter + head)")
+                                     "(its gradient trains the trunk too), 'adapter' (own LoRA adapter + head)",
+                             choices=VALUE_MODES)
     value_init_from_reward: bool = option(False, "start the value head (and, in adapter mode, the value "
                                                  "adapter) from the reward model's; else V = 0")
     offload_reference: bool = option(False, "full fine-tuning: keep the frozen reference on the CPU")
     ptx_data: str = option("", "SFT JSONL for the PPO-ptx pretraining-mix term (empty = off)")
-    ptx_coef: float = option(0.0, "weight of the PPO-ptx NLL term (InstructGPT's gamma)")
+    ptx_coef: float = option(0.0, "weight of the PPO-ptx NLL term (InstructGPT's gamma)", min=0.0)
 
     def __post_init__(self):
         super().__post_init__()
         check_divides(self.batch_size, self.mini_batch_size, "batch_size / mini_batch_size")
         check_divides(self.mini_batch_size, self.micro_batch_size, "mini_batch_size / micro_batch_size")
-        if self.kl_estimator not in kernels.kl.ESTIMATORS:
-            raise ConfigError(f"kl_estimator must be one of {kernels.kl.ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.value_mode not in VALUE_MODES:
-            raise ConfigError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
         if self.value_mode == "adapter" and self.lora_r == 0:
             raise ConfigError("value_mode 'adapter' needs a LoRA policy (lora_r > 0)")
         self.check_rewards()
         self.check_sampling()
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
+        require(self.prompts, "prompts", "a prompt JSONL file")
 
 
 class AdaptiveKLController:
@@ -125,6 +126,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig):
         self.config = config
         seed_everything(config.seed)
+        rundir.prepare(config, "ppo")
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
         self.reward_models = load_reward_models(config.reward_directories(),
                                                 shared_trunk=model if config.lora_r else None,
@@ -143,7 +145,9 @@ class PPOTrainer:
         self.safety_prompts = [config.safety_tag in r.tags for r in records]
         self.ptx = self._ptx_examples()
         self.params = [p for p in self.actor.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = build_optimizer(self.params, config, self._num_updates())
+        optimizer, scheduler = build_optimizer(self.params, config, self._num_updates())
+        self.stepper = OptimizerStep(self.params, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                                     max_skipped=config.max_skipped_steps)
         self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.generator = run_generator(config.seed)  # prompt picks, minibatch order, ptx batches
@@ -258,6 +262,7 @@ class PPOTrainer:
         r = exp.rollout
         tokens = r.response_mask[minibatch].sum().clamp_min(1)
         stats: dict[str, float] = {}
+        minibatch_loss = 0.0
         for first in range(0, len(minibatch), c.micro_batch_size):
             rows = torch.tensor(minibatch[first:first + c.micro_batch_size], device=self.device)
             mask = r.response_mask[rows]
@@ -272,13 +277,15 @@ class PPOTrainer:
                                                      exp.returns[rows], mask, clip=c.value_clip)
             loss = (policy_loss + c.vf_coef * v_loss) * share
             loss.backward()
+            minibatch_loss += loss.item()
             for key, value in {"ppo/policy_loss": policy_loss, "value/loss": v_loss,
                                **{f"ppo/{k}": v for k, v in policy_stats.items()},
                                **{f"value/{k}": v for k, v in value_stats.items()}}.items():
                 stats[key] = stats.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * float(share)
         if c.ptx_coef > 0:
             stats["ppo/ptx_loss"] = self._ptx_backward()
-        stats["ppo/grad_norm"] = clip_and_step(self.params, self.optimizer, self.scheduler, c.max_grad_norm)
+            minibatch_loss += c.ptx_coef * stats["ppo/ptx_loss"]
+        stats["ppo/grad_norm"] = self.stepper(minibatch_loss)
         return stats
 
     def _ptx_backward(self) -> float:
@@ -335,23 +342,27 @@ class PPOTrainer:
                                           generation_batch=c.batch_size, micro_batch=c.micro_batch_size,
                                           seq_len=c.max_length)))
         logger = run_steps(c, "ppo", lambda iteration: self.step(), num_steps=c.iterations,
-                           modules=self.modules(), optimizer=self.optimizer, scheduler=self.scheduler,
-                           device=self.device, stage_state=self.stage_state, load_stage_state=self.load_stage_state)
+                           modules=self.modules(), stepper=self.stepper, device=self.device,
+                           stage_state=self.stage_state, load_stage_state=self.load_stage_state,
+                           vocab_size=self.actor.head_vocab_size())
         logger.close()
-        return self.save(Path(c.output_dir))
+        return save_final(c, "ppo", lambda: self.save(Path(c.output_dir)), num_steps=c.iterations,
+                          modules=self.modules(), stepper=self.stepper, stage_state=self.stage_state)
 
     def save(self, output: Path) -> Path:
+        """<output>/policy: the policy adapter (or model), the value head (and adapter), the tokenizer;
+        written whole or not at all, never with non-finite weights."""
         policy_dir = output / "policy"
-        if self.config.lora_r:
-            self.actor.model.save_pretrained(str(policy_dir / "adapter"), selected_adapters=["policy"])
-            if self.config.value_mode == "adapter":
-                self.actor.model.save_pretrained(str(policy_dir / "value_adapter"),
-                                                 selected_adapters=[VALUE_ADAPTER])
-        else:
-            self.actor.model.save_pretrained(policy_dir / "model")
-        self.tokenizer.save_pretrained(policy_dir)
-        self.actor.value_head.save(policy_dir / "value_head.safetensors")
-
+        check_finite({n: p for n, p in self.actor.named_parameters() if p.requires_grad}, str(policy_dir))
+        with atomic_directory(policy_dir) as tmp:
+            if self.config.lora_r:
+                self.actor.model.save_pretrained(str(tmp / "adapter"), selected_adapters=["policy"])
+                if self.config.value_mode == "adapter":
+                    self.actor.model.save_pretrained(str(tmp / "value_adapter"), selected_adapters=[VALUE_ADAPTER])
+            else:
+                self.actor.model.save_pretrained(tmp / "model")
+            self.tokenizer.save_pretrained(tmp)
+            self.actor.value_head.save(tmp / "value_head.safetensors")
         print(f"ppo: policy written to {policy_dir}; peak memory {peak_memory_gb(self.device):.2f} GB")
         return policy_dir
 

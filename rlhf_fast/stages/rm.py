@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from rlhf_fast import data
 from rlhf_fast.batching import batch_indices
-from rlhf_fast.config import ConfigError, option
+from rlhf_fast.config import ConfigError, option, require
+from rlhf_fast.errors import DataError
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger
 from rlhf_fast.models.heads import ScalarHead
@@ -24,8 +25,9 @@ from rlhf_fast.models.loading import load_trainable_lm
 from rlhf_fast.models.reward import RewardModel
 from rlhf_fast.seeding import seed_everything
 from rlhf_fast.training.config import TrainConfig
-from rlhf_fast.training.loop import run_steps
-from rlhf_fast.training.optim import build_optimizer, clip_and_step, total_steps
+from rlhf_fast.training import rundir
+from rlhf_fast.training.loop import run_steps, save_final
+from rlhf_fast.training.optim import OptimizerStep, build_optimizer, total_steps
 
 
 @dataclass
@@ -33,16 +35,15 @@ class RMConfig(TrainConfig):
     """Reward model from {"prompt", "chosen", "rejected"} or {"prompt", "responses"} JSONL."""
 
     data: str = option("", "preference or ranking JSONL file")
-    eval_fraction: float = option(0.1, "share of prompts held out to report accuracy")
-    margin_set: str = option("small", "Llama 2 rating -> margin map: 'small' or 'large'")
+    eval_fraction: float = option(0.1, "share of prompts held out to report accuracy", min=0.0, below=1.0)
+    margin_set: str = option("small", "Llama 2 rating -> margin map: 'small' or 'large'", choices=("small", "large"))
     adapter_name: str = option("reward", "name of the reward adapter (e.g. helpful, safety)")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.margin_set not in ("small", "large"):
-            raise ConfigError(f"margin_set must be 'small' or 'large', got {self.margin_set!r}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        require(self.data, "data", "a preference or ranking JSONL file")
+        if not self.adapter_name.isidentifier():
+            raise ConfigError(f"adapter_name must be a plain name (letters, digits, _), got {self.adapter_name!r}")
 
 
 def split_by_prompt(pairs, eval_fraction: float, seed: int):
@@ -53,12 +54,36 @@ def split_by_prompt(pairs, eval_fraction: float, seed: int):
     return [p for p in pairs if p.prompt not in held_out], [p for p in pairs if p.prompt in held_out]
 
 
-def encode_pairs(pairs, tokenizer, max_length: int):
-    """Per pair: (chosen ids, rejected ids, margin, weight)."""
-    def ids(prompt, response, source):
-        return data.encode_pair(tokenizer, prompt, response, max_length, source=source).input_ids
-    return [(ids(p.prompt, p.chosen, p.source), ids(p.prompt, p.rejected, p.source), p.margin, p.weight)
-            for p in pairs]
+def encode_pairs(pairs, tokenizer, max_length: int, *, split: str):
+    """Per pair: (chosen ids, rejected ids, margin, weight). Truncated responses are counted, and a
+    pair whose two sides are the same tokens after truncation (nothing to rank) is dropped and
+    counted; both counts are printed."""
+    def encode(prompt, response, source):
+        return data.encode_pair(tokenizer, prompt, response, max_length, source=source)
+
+    encoded, truncated, identical = [], 0, 0
+    for p in pairs:
+        chosen, rejected = encode(p.prompt, p.chosen, p.source), encode(p.prompt, p.rejected, p.source)
+        truncated += chosen.truncated + rejected.truncated
+        if chosen.input_ids == rejected.input_ids:
+            identical += 1
+            continue
+        encoded.append((chosen.input_ids, rejected.input_ids, p.margin, p.weight))
+    if truncated:
+        print(f"rm: {truncated} of {2 * len(pairs)} {split} responses truncated to max_length={max_length}")
+    if identical:
+        print(f"rm: dropped {identical} {split} pairs whose chosen and rejected are identical after truncation "
+              f"to max_length={max_length}")
+    return encoded
+
+
+def distinct_pairs(pairs):
+    """Pairs whose chosen and rejected differ in more than white space (the rest teach nothing: loss ln 2,
+    gradient 0); the dropped ones are counted."""
+    kept = [p for p in pairs if p.chosen.split() != p.rejected.split()]
+    if len(kept) < len(pairs):
+        print(f"rm: dropped {len(pairs) - len(kept)} pairs whose chosen and rejected differ only in white space")
+    return kept
 
 
 def pair_rewards(reward_model, batch, pad_id: int, device):
@@ -87,20 +112,24 @@ def evaluate(reward_model, encoded, pad_id: int, device, batch_size: int) -> dic
 
 def run(config: RMConfig) -> Path:
     seed_everything(config.seed)
-    output = Path(config.output_dir)
+    output = rundir.prepare(config, "rm")
     trunk, tokenizer, device = load_trainable_lm(config, config.adapter_name)
     head = ScalarHead(trunk.config.hidden_size).to(device)
     adapter = config.adapter_name if config.lora_r > 0 else None
     reward_model = RewardModel(trunk, head, adapter=adapter)
     margins = data.LLAMA2_MARGINS_SMALL if config.margin_set == "small" else data.LLAMA2_MARGINS_LARGE
-    train_pairs, eval_pairs = split_by_prompt(data.load_preferences(config.data, margins),
-                                              config.eval_fraction, config.seed)
-    train = encode_pairs(train_pairs, tokenizer, config.max_length)
-    held_out = encode_pairs(eval_pairs, tokenizer, config.max_length)
+    pairs = distinct_pairs(data.load_preferences(config.data, margins))
+    train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
+    train = encode_pairs(train_pairs, tokenizer, config.max_length, split="training")
+    held_out = encode_pairs(eval_pairs, tokenizer, config.max_length, split="held-out")
+    if not train:
+        raise DataError(f"{config.data}: no training pair left to learn from (see the counts above)")
     print(f"rm: {len(train)} training pairs, {len(held_out)} held-out pairs")
     num_steps = total_steps(config, len(train))
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)
+    stepper = OptimizerStep(params, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                            max_skipped=config.max_skipped_steps)
     print(format_ledger(memory_ledger(trunk, [head], micro_batch=2 * config.micro_batch_size,
                                       seq_len=config.max_length)))
 
@@ -121,17 +150,23 @@ def run(config: RMConfig) -> Path:
             (loss / total_weight).backward()
             loss_sum += loss.item()
             correct += (chosen > rejected).sum().item()
-        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
-        return {"rm/loss": loss_sum / total_weight, "rm/accuracy": correct / len(batch), "rm/grad_norm": grad_norm}
+        loss = loss_sum / total_weight
+        return {"rm/loss": loss, "rm/accuracy": correct / len(batch), "rm/grad_norm": stepper(loss)}
 
-    logger = run_steps(config, "rm", train_step, num_steps=num_steps, modules={"reward": reward_model},
-                       optimizer=optimizer, scheduler=scheduler, device=device)
+    modules = {"reward": reward_model}
+    logger = run_steps(config, "rm", train_step, num_steps=num_steps, modules=modules, stepper=stepper,
+                       device=device)
     reward_model.eval()
-    metrics = evaluate(reward_model, held_out, tokenizer.pad_token_id, device, config.micro_batch_size)
-    logger.log(num_steps, metrics)
+    if held_out:
+        metrics = evaluate(reward_model, held_out, tokenizer.pad_token_id, device, config.micro_batch_size)
+        logger.log(num_steps, metrics)
+        summary = f"held-out accuracy {metrics['rm/eval_accuracy']:.3f} over {len(held_out)} pairs"
+    else:
+        summary = (f"no held-out set (eval_fraction={config.eval_fraction} of "
+                   f"{len({p.prompt for p in pairs})} prompts holds none out)")
     logger.close()
     reward_dir = output / "reward"
-    reward_model.save(reward_dir, base=config.model)
-    print(f"rm: held-out accuracy {metrics['rm/eval_accuracy']:.3f} over {len(held_out)} pairs; "
-          f"written to {reward_dir}")
+    save_final(config, "rm", lambda: reward_model.save(reward_dir, base=config.model), num_steps=num_steps,
+               modules=modules, stepper=stepper)
+    print(f"rm: {summary}; written to {reward_dir}")
     return reward_dir

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_fast.config import ConfigError, build_config, option
+from rlhf_fast.config import ConfigError, build_config, check_fields, option
 from rlhf_fast.models.loading import merge_saved_adapter
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.stages import ppo, rm, rs
@@ -31,6 +31,7 @@ class RoundsConfig(RewardConfig):
     rounds: list[dict] = option([], "the rounds, in order")
 
     def __post_init__(self):
+        check_fields(self)
         self.check_rewards()
         if not self.rounds:
             raise ConfigError("rounds: give at least one round")
@@ -83,10 +84,11 @@ def run(config: RoundsConfig, labeller=None) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     # validate every round before anything trains, so a typo in round 3 fails in seconds
     for i, round_ in enumerate(config.rounds, 1):
-        for name, keys in round_.get("rm", {}).items():
-            if "data" not in keys and labeller is None:
-                raise ConfigError(f"rounds[{i}].rm.{name}: no data, and no labeller to make it")
-        round_configs(config, i, round_, config.model, config.reward_directories(), "")
+        to_label = [name for name, keys in round_.get("rm", {}).items() if "data" not in keys]
+        if to_label and labeller is None:
+            raise ConfigError(f"rounds[{i}].rm.{to_label[0]}: no data, and no labeller to make it")
+        round_configs(config, i, round_, config.model, config.reward_directories(), "",
+                      labelled={name: "<the labeller's rankings>" for name in to_label})
 
     policy, reward_models, previous_best = config.model, config.reward_directories(), ""
     summary = []

@@ -9,13 +9,15 @@ The round reports the mean-of-K and the best-of-K reward: the gap the method har
 Outputs: samples.jsonl (every candidate and its reward), best.jsonl (this round's keepers),
 train.jsonl (all rounds' keepers), sft/model (the new policy), metrics.jsonl.
 """
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rlhf_fast import data
 from rlhf_fast.candidates import sample_and_score, select_best
-from rlhf_fast.config import ConfigError, option
+from rlhf_fast.config import option, require
 from rlhf_fast.device import pick_device
+from rlhf_fast.errors import CheckpointError
 from rlhf_fast.metrics import MetricsLogger
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import SamplingConfig
@@ -28,20 +30,41 @@ class RSConfig(RewardConfig, SamplingConfig, SupervisedConfig):
     """Rejection sampling: best of K samples per {"prompt"} JSONL line, then SFT on the keepers."""
 
     prompts: str = option("", "prompt JSONL file")
-    samples_per_prompt: int = option(4, "K: samples drawn per prompt")
+    samples_per_prompt: int = option(4, "K: samples drawn per prompt", min=2)
     previous_best: str = option("", "train.jsonl of the previous round: its keepers stay in the training set")
 
     def __post_init__(self):
         super().__post_init__()
         self.check_rewards()
         self.check_sampling()
-        if self.samples_per_prompt < 2:
-            raise ConfigError(f"samples_per_prompt must be >= 2 to select anything, got {self.samples_per_prompt}")
+        require(self.prompts, "prompts", "a prompt JSONL file")
+
+
+def _prepare(config: RSConfig, output: Path) -> bool:
+    """True when this round's samples are already written and the round resumes its fine-tuning;
+    a directory holding a round is otherwise refused unless overwrite (then cleared)."""
+    done = (output / "train.jsonl").exists()
+    if (output / "samples.jsonl").exists() or done:
+        if config.overwrite:
+            shutil.rmtree(output)
+            return False
+        if not (config.resume and done):
+            raise CheckpointError(f"{output} already holds a rejection-sampling round; --resume true continues its "
+                                  "fine-tuning, --overwrite true replaces it")
+        return True
+    return False
 
 
 def run(config: RSConfig) -> Path:
     seed_everything(config.seed)
     output = Path(config.output_dir)
+    resuming = _prepare(config, output)
+    supervised = {f.name: getattr(config, f.name) for f in fields(SupervisedConfig)}
+    sft_config = SupervisedConfig(**{**supervised, "data": str(output / "train.jsonl"),
+                                     "output_dir": str(output / "sft")})
+    if resuming:
+        print(f"rs: {output / 'train.jsonl'} is written; resuming the fine-tuning in {output / 'sft'}")
+        return train_supervised(sft_config)
     output.mkdir(parents=True, exist_ok=True)
     # 1-2. K scored samples per prompt; each prompt's best
     samples = sample_and_score(config, pick_device(config.device), k=config.samples_per_prompt,
@@ -51,7 +74,7 @@ def run(config: RSConfig) -> Path:
     data.write_jsonl(output / "best.jsonl", best)
     # 3. carry every earlier round's keepers
     earlier = [r for _, r in data.read_jsonl(config.previous_best)] if config.previous_best else []
-    train = data.write_jsonl(output / "train.jsonl", earlier + best)
+    data.write_jsonl(output / "train.jsonl", earlier + best)
 
     mean_of_k = sum(sum(s["rewards"]) / len(s["rewards"]) for s in samples) / len(samples)
     best_of_k = sum(max(s["rewards"]) for s in samples) / len(samples)
@@ -67,5 +90,4 @@ def run(config: RSConfig) -> Path:
           f"{config.samples_per_prompt} {best_of_k:.3f}; fine-tuning on {len(earlier) + len(best)} samples")
 
     # 4. SFT on the keepers
-    supervised = {f.name: getattr(config, f.name) for f in fields(SupervisedConfig)}
-    return train_supervised(SupervisedConfig(**{**supervised, "data": str(train), "output_dir": str(output / "sft")}))
+    return train_supervised(sft_config)

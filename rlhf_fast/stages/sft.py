@@ -9,12 +9,17 @@ model and PPO stages load as their base (and PPO as its reference).
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_fast.config import require
 from rlhf_fast.training.supervised import SupervisedConfig, train_supervised
 
 
 @dataclass
 class SFTConfig(SupervisedConfig):
     """Supervised fine-tuning on {"prompt", "response"} or {"messages"} JSONL."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.data, "data", "an SFT JSONL file")
 
 
 def run(config: SFTConfig) -> Path:

@@ -1,33 +1,64 @@
-"""The one step loop every training stage runs: resume, step, log, checkpoint."""
+"""The one step loop every training stage runs: resume, step, log, watch, checkpoint, final save."""
+import math
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+from rlhf_fast.errors import CheckpointError
 from rlhf_fast.memory import peak_memory_gb
 from rlhf_fast.metrics import MetricsLogger
-from rlhf_fast.training import runstate
+from rlhf_fast.training import rundir, runstate
 
 
-def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, optimizer, scheduler, device,
-              stage_state=None, load_stage_state=None) -> MetricsLogger:
+class CollapseWatch:
+    """Warns, loudly and once per streak, when training has stopped learning: a gradient norm of 0,
+    or an entropy at log(vocab) (a uniform policy), for `steps` logged steps in a row."""
+
+    def __init__(self, steps: int, vocab_size: int | None):
+        self.steps, self.log_vocab = steps, math.log(vocab_size) if vocab_size else None
+        self.streak = 0
+
+    def signs(self, metrics: dict) -> list[str]:
+        found = [f"{k} = 0" for k, v in metrics.items() if k.endswith("/grad_norm") and v == 0.0]
+        if self.log_vocab is not None:
+            found += [f"{k} = {v:.4f} = log(vocab)" for k, v in metrics.items()
+                      if k.endswith("/entropy") and isinstance(v, float) and abs(v - self.log_vocab) < 1e-3]
+        return found
+
+    def update(self, step: int, metrics: dict) -> None:
+        signs = self.signs(metrics)
+        self.streak = self.streak + 1 if signs else 0
+        if self.streak == self.steps:
+            print(f"WARNING: training looks collapsed at step {step}: {', '.join(signs)} for {self.steps} "
+                  "logged steps in a row (a dead model learns nothing more; lower learning_rate?)")
+
+
+def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, stepper, device,
+              stage_state=None, load_stage_state=None, vocab_size: int | None = None) -> MetricsLogger:
     """Run step_fn(step) -> metrics for steps [start, num_steps) and return the MetricsLogger.
 
-    step_fn does one optimiser step of its stage (SFT: accumulate and step; PPO: a rollout and its
-    PPO epochs). The loop resumes from the latest checkpoint when config.resume, adds the learning
-    rate, the step's wall time (and tokens per second, from a "perf/tokens" count) and the peak
-    memory to the metrics, logs every config.log_every
-    steps and the last, and checkpoints every config.save_every steps. stage_state() -> dict and
-    load_stage_state(dict) carry a stage's own state (its generator, a KL coefficient) through
-    checkpoints.
+    step_fn does one step of its stage, calling `stepper` (a training.optim.OptimizerStep) for each
+    optimiser step it takes (SFT: accumulate then one; PPO: one per minibatch). The loop resumes
+    from the newest readable checkpoint when config.resume (settings checked, stage state restored
+    through load_stage_state(dict)), adds the learning rate, skipped steps, the step's wall time
+    (and tokens per second, from a "perf/tokens" count) and the peak memory to the metrics, logs
+    every config.log_every steps and the last, watches for a collapse, and checkpoints every
+    config.save_every steps, keeping config.keep_last.
     """
     output = Path(config.output_dir)
     start = 0
     if config.resume:
-        start, saved = runstate.resume(output / "checkpoints", modules, optimizer, scheduler)
-        if start and load_stage_state is not None:
-            load_stage_state(saved)
-    logger = MetricsLogger(output)
+        resumed = runstate.resume(output / "checkpoints", modules, stepper.optimizer, stepper.scheduler,
+                                  settings=config.run_settings(), num_steps=num_steps)
+        if resumed is None:
+            print(f"{name}: nothing to resume in {output / 'checkpoints'} (no checkpoint); starting at step 0")
+        else:
+            start, saved = resumed
+            if load_stage_state is not None:
+                load_stage_state(saved)
+    logger = MetricsLogger(output, resumed_at=start)
+    watch = CollapseWatch(config.collapse_steps, vocab_size)
     for step in tqdm(range(start, num_steps), desc=name, initial=start, total=num_steps):
         begin = time.perf_counter()
         metrics = step_fn(step)
@@ -36,9 +67,38 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, opti
         if "perf/tokens" in metrics:
             metrics["perf/tokens_per_s"] = metrics.pop("perf/tokens") / elapsed
         if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
-            logger.log(step + 1, {**metrics, f"{name}/lr": scheduler.get_last_lr()[0],
-                                  "mem/peak_gb": peak_memory_gb(device)})
+            logger.log(step + 1, {**metrics, f"{name}/lr": stepper.scheduler.get_last_lr()[0],
+                                  "train/skipped_steps": stepper.skipped, "mem/peak_gb": peak_memory_gb(device)})
+            watch.update(step + 1, metrics)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
-            runstate.save(output / "checkpoints", step + 1, modules, optimizer, scheduler,
-                          stage_state=None if stage_state is None else stage_state())
+            _checkpoint(config, step + 1, modules, stepper, stage_state)
+        rundir.mark(output, name, step=step + 1, finished=False)
     return logger
+
+
+def _checkpoint(config, step: int, modules: dict, stepper, stage_state) -> Path:
+    return runstate.save(Path(config.output_dir) / "checkpoints", step, modules, stepper.optimizer,
+                         stepper.scheduler, settings=config.run_settings(),
+                         stage_state=None if stage_state is None else stage_state(), keep_last=config.keep_last)
+
+
+def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, stepper, stage_state=None):
+    """save_fn() -> path of the final model; then the run is marked finished.
+
+    If it fails (a full disk), the trained state is written as a checkpoint of the final step
+    where possible, and the error says where it is and how to finish: nothing trained is lost
+    that can still be written.
+    """
+    output = Path(config.output_dir)
+    try:
+        path = save_fn()
+    except (OSError, RuntimeError) as error:
+        try:
+            kept = _checkpoint(config, num_steps, modules, stepper, stage_state)
+        except Exception as second:  # noqa: BLE001 - the first error is the one to report
+            raise CheckpointError(f"{name}: saving the final model failed ({error}), and so did saving the "
+                                  f"training state ({second}): nothing could be written to {output}") from error
+        raise CheckpointError(f"{name}: saving the final model failed ({error}); the trained state is in {kept}: "
+                              "free space and rerun the same command with --resume true to write the model") from error
+    rundir.mark(output, name, step=num_steps, finished=True)
+    return path

@@ -2,19 +2,26 @@
 
 A stage's trainable state is whatever requires grad in its modules (LoRA adapters, heads, or
 all weights under full fine-tuning), saved by parameter name in safetensors; the optimiser,
-scheduler and RNG states go through rlhf_fast.checkpoint, and a stage's own state (its run
-generator, PPO's KL coefficient) as a state dict beside them. Resuming restores them all, so a
-resumed run continues exactly as an uninterrupted one.
+scheduler and RNG states go through rlhf_fast.checkpoint, a stage's own state (its run generator,
+PPO's KL coefficient) as a state dict beside them, and the settings that define the run as JSON.
+Resuming restores them all, so a resumed run continues exactly as an uninterrupted one; resuming
+with other settings is an error that lists them, and a corrupt newest checkpoint is named and
+passed over for the previous complete one.
 """
+import json
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhf_fast import checkpoint
+from rlhf_fast.errors import CheckpointError
 
 TRAINABLE_FILE = "trainable.safetensors"
 STAGE_STATE = "stage_state"
+SETTINGS_FILE = "run_settings.json"
 
 
 def _trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -23,34 +30,82 @@ def _trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
             for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save(run_dir, step: int, modules: dict[str, nn.Module], optimizer, scheduler,
-         stage_state: dict | None = None) -> Path:
-    """Atomically write <run_dir>/step-<step>/ with everything a resume needs. `stage_state` may
-    hold tensors (a generator's state), numbers, strings, lists and dicts."""
-    final = Path(run_dir) / f"step-{step:06d}"
+def save(run_dir, step: int, modules: dict[str, nn.Module], optimizer, scheduler, *, settings: dict,
+         stage_state: dict | None = None, keep_last: int = 0) -> Path:
+    """Atomically write <run_dir>/step-<step>/ with everything a resume needs, then delete all but
+    the newest `keep_last` checkpoints (0 keeps all). `stage_state` may hold tensors (a
+    generator's state), numbers, strings, lists and dicts; `settings` is plain JSON."""
+    final = checkpoint.checkpoint_dir(run_dir, step)
     with checkpoint.atomic_directory(final) as tmp:
         checkpoint.save_tensors(Path(tmp) / TRAINABLE_FILE, _trainable_state(modules))
         checkpoint.save_training_state(tmp, optimizer=optimizer, scheduler=scheduler, step=step)
         checkpoint.save_state_dict(tmp, STAGE_STATE, stage_state or {})
+        (Path(tmp) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
+    if keep_last:
+        for old in checkpoint.checkpoints(run_dir)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler) -> tuple[int, dict]:
-    """Load the latest checkpoint under run_dir into modules/optimizer/scheduler; returns
-    (step, stage_state), or (0, {}) if there is none."""
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if latest is None:
-        return 0, {}
-    tensors = checkpoint.load_tensors(Path(latest) / TRAINABLE_FILE)
+def _read(directory: Path) -> dict:
+    """Every file of a checkpoint, in memory; CheckpointError naming the first unreadable one."""
+    settings_path = directory / SETTINGS_FILE
+    try:
+        settings = json.loads(settings_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{settings_path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{settings_path}: not valid JSON ({e})") from None
+    return {"trainable": checkpoint.load_tensors(directory / TRAINABLE_FILE),
+            "training": checkpoint.read_training_state(directory),
+            "stage": checkpoint.load_state_dict(directory, STAGE_STATE),
+            "settings": settings}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}"
+            for k in keys if saved.get(k) != now.get(k)]
+
+
+def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, settings: dict,
+           num_steps: int) -> tuple[int, dict] | None:
+    """Load the newest readable checkpoint under run_dir into modules / optimizer / scheduler / RNGs
+    and return (step, stage_state); None when run_dir holds no checkpoint.
+
+    A checkpoint whose files are unreadable is named in a warning and the previous one is tried.
+    CheckpointError when the run's settings differ from the checkpoint's (listing them) or the
+    checkpoint is past num_steps.
+    """
+    candidates = checkpoint.checkpoints(run_dir)
+    if not candidates:
+        return None
+    for directory in candidates:
+        try:
+            saved = _read(directory)
+            break
+        except CheckpointError as error:
+            warnings.warn(f"resume: skipping the corrupt checkpoint {directory} ({error})", stacklevel=2)
+            print(f"resume: WARNING: checkpoint {directory} is unreadable ({error}); trying the previous one")
+    else:
+        raise CheckpointError(f"{run_dir}: none of the {len(candidates)} checkpoint(s) can be read")
+    changed = _differences(saved["settings"], settings)
+    if changed:
+        raise CheckpointError(f"{directory}: this run's settings differ from the checkpoint's: {'; '.join(changed)} "
+                              "(resume with the same settings, or use --overwrite true to start over)")
+    step = saved["training"]["step"]
+    if step > num_steps:
+        raise CheckpointError(f"{directory}: the checkpoint is at step {step}, past this run's {num_steps} steps")
     for role, module in modules.items():
         params = dict(module.named_parameters())
-        for key, value in tensors.items():
+        for key, value in saved["trainable"].items():
             owner, _, name = key.partition("/")
             if owner == role:
                 if name not in params:
-                    raise KeyError(f"{latest}: checkpoint has {key} but the {role} model has no such parameter")
+                    raise CheckpointError(f"{directory}: checkpoint has {key} but the {role} model has no such "
+                                          "parameter")
                 with torch.no_grad():
                     params[name].copy_(value)
-    state = checkpoint.load_training_state(latest, optimizer=optimizer, scheduler=scheduler)
-    print(f"resumed from {latest} (step {state['step']})")
-    return state["step"], checkpoint.load_state_dict(latest, STAGE_STATE)
+    checkpoint.apply_training_state(saved["training"], optimizer=optimizer, scheduler=scheduler)
+    print(f"resumed from {directory} (step {step})")
+    return step, saved["stage"]

@@ -18,8 +18,9 @@ from rlhf_fast.models.loading import load_trainable_lm, save_model_dir
 from rlhf_fast.models.logprobs import packed_response_nll, response_nll
 from rlhf_fast.seeding import seed_everything
 from rlhf_fast.training.config import TrainConfig
-from rlhf_fast.training.loop import run_steps
-from rlhf_fast.training.optim import build_optimizer, clip_and_step, total_steps
+from rlhf_fast.training import rundir
+from rlhf_fast.training.loop import run_steps, save_final
+from rlhf_fast.training.optim import OptimizerStep, build_optimizer, total_steps
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SupervisedConfig(TrainConfig):
 def train_supervised(config: SupervisedConfig) -> Path:
     """Fine-tune config.model on config.data; returns the merged model directory."""
     seed_everything(config.seed)
-    output = Path(config.output_dir)
+    output = rundir.prepare(config, "sft")
     model, tokenizer, device = load_trainable_lm(config, "sft")
     examples = data.load_sft(config.data, tokenizer)
     encoded = encode_examples(examples, tokenizer, config.max_length)
@@ -45,6 +46,8 @@ def train_supervised(config: SupervisedConfig) -> Path:
     num_steps = total_steps(config, len(encoded))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)
+    stepper = OptimizerStep(params, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                            max_skipped=config.max_skipped_steps)
     print(format_ledger(memory_ledger(model, micro_batch=config.micro_batch_size, seq_len=config.max_length)))
 
     dtype = next(model.parameters()).dtype
@@ -65,13 +68,15 @@ def train_supervised(config: SupervisedConfig) -> Path:
                     nll = response_nll(model, *collate(micro, tokenizer.pad_token_id, device))
             (nll / batch_tokens).backward()
             total_nll += nll.item()
-        grad_norm = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
-        return {"sft/loss": total_nll / batch_tokens, "sft/grad_norm": grad_norm}
+        loss = total_nll / batch_tokens
+        return {"sft/loss": loss, "sft/grad_norm": stepper(loss)}
 
-    logger = run_steps(config, "sft", train_step, num_steps=num_steps, modules={"policy": model},
-                       optimizer=optimizer, scheduler=scheduler, device=device)
+    modules = {"policy": model}
+    logger = run_steps(config, "sft", train_step, num_steps=num_steps, modules=modules, stepper=stepper,
+                       device=device)
     logger.close()
     model_dir = output / "model"
-    save_model_dir(model, tokenizer, model_dir)
+    save_final(config, "sft", lambda: save_model_dir(model, tokenizer, model_dir), num_steps=num_steps,
+               modules=modules, stepper=stepper)
     print(f"sft: model written to {model_dir}; peak memory {peak_memory_gb(device):.2f} GB")
     return model_dir
