@@ -82,14 +82,16 @@ def load_causal_lm(path, *, device="auto", dtype="auto", attn="auto", trust_remo
     return model.to(device)
 
 
-def load_trainable_lm(config, adapter_name: str, *, padding_side: str = "right"):
+def load_trainable_lm(config, adapter_name: str, *, padding_side: str = "right", tokenizer=None):
     """(model, tokenizer, device): the base LM with a fresh LoRA adapter, or fully trainable when
-    lora_r=0. `config` is a training.TrainConfig (model, device, dtype and LoRA fields)."""
+    lora_r=0. `config` is a training.TrainConfig (model, device, dtype and LoRA fields); a stage
+    that read its data with the tokenizer first passes it."""
     if not config.model:
         raise ConfigError("model: set it to a local Hugging Face model directory")
     device = pick_device(config.device)
-    tokenizer = load_tokenizer(config.model, padding_side=padding_side,
-                               trust_remote_code=config.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, padding_side=padding_side,
+                                   trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, device=device, dtype=config.dtype,
                            attn=config.attn_implementation, trust_remote_code=config.trust_remote_code)
     if config.lora_r > 0:

@@ -127,6 +127,7 @@ class PPOTrainer:
         self.config = config
         seed_everything(config.seed)
         rundir.prepare(config, "ppo")
+        records = data.load_prompts(config.prompts)  # checked before any model loads
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
         self.reward_models = load_reward_models(config.reward_directories(),
                                                 shared_trunk=model if config.lora_r else None,
@@ -140,7 +141,6 @@ class PPOTrainer:
         value_head = self._value_head(model.config.hidden_size)
         self.actor = (ActorCritic(model, value_head, value_mode=config.value_mode) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference, config.value_mode))
-        records = data.load_prompts(config.prompts)
         self.prompts = self._encode_prompts(records)
         self.safety_prompts = [config.safety_tag in r.tags for r in records]
         self.ptx = self._ptx_examples()

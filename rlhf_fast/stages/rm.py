@@ -21,7 +21,7 @@ from rlhf_fast.errors import DataError
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger
 from rlhf_fast.models.heads import ScalarHead
-from rlhf_fast.models.loading import load_trainable_lm
+from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm
 from rlhf_fast.models.reward import RewardModel
 from rlhf_fast.seeding import seed_everything
 from rlhf_fast.training.config import TrainConfig
@@ -113,10 +113,8 @@ def evaluate(reward_model, encoded, pad_id: int, device, batch_size: int) -> dic
 def run(config: RMConfig) -> Path:
     seed_everything(config.seed)
     output = rundir.prepare(config, "rm")
-    trunk, tokenizer, device = load_trainable_lm(config, config.adapter_name)
-    head = ScalarHead(trunk.config.hidden_size).to(device)
-    adapter = config.adapter_name if config.lora_r > 0 else None
-    reward_model = RewardModel(trunk, head, adapter=adapter)
+    # the data is read and checked before the model loads
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     margins = data.LLAMA2_MARGINS_SMALL if config.margin_set == "small" else data.LLAMA2_MARGINS_LARGE
     pairs = distinct_pairs(data.load_preferences(config.data, margins))
     train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
@@ -125,6 +123,10 @@ def run(config: RMConfig) -> Path:
     if not train:
         raise DataError(f"{config.data}: no training pair left to learn from (see the counts above)")
     print(f"rm: {len(train)} training pairs, {len(held_out)} held-out pairs")
+    trunk, tokenizer, device = load_trainable_lm(config, config.adapter_name, tokenizer=tokenizer)
+    head = ScalarHead(trunk.config.hidden_size).to(device)
+    adapter = config.adapter_name if config.lora_r > 0 else None
+    reward_model = RewardModel(trunk, head, adapter=adapter)
     num_steps = total_steps(config, len(train))
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)

@@ -10,7 +10,6 @@ passed over for the previous complete one.
 """
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +84,6 @@ def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, sett
             saved = _read(directory)
             break
         except CheckpointError as error:
-            warnings.warn(f"resume: skipping the corrupt checkpoint {directory} ({error})", stacklevel=2)
             print(f"resume: WARNING: checkpoint {directory} is unreadable ({error}); trying the previous one")
     else:
         raise CheckpointError(f"{run_dir}: none of the {len(candidates)} checkpoint(s) can be read")

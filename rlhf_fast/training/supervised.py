@@ -14,7 +14,7 @@ from rlhf_fast.batching import batch_indices, collate, collate_packed, encode_ex
 from rlhf_fast.config import option
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
-from rlhf_fast.models.loading import load_trainable_lm, save_model_dir
+from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm, save_model_dir
 from rlhf_fast.models.logprobs import packed_response_nll, response_nll
 from rlhf_fast.seeding import seed_everything
 from rlhf_fast.training.config import TrainConfig
@@ -36,7 +36,8 @@ def train_supervised(config: SupervisedConfig) -> Path:
     """Fine-tune config.model on config.data; returns the merged model directory."""
     seed_everything(config.seed)
     output = rundir.prepare(config, "sft")
-    model, tokenizer, device = load_trainable_lm(config, "sft")
+    # the data is read and checked before the model loads: a bad line costs seconds, not a model load
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     examples = data.load_sft(config.data, tokenizer)
     encoded = encode_examples(examples, tokenizer, config.max_length)
     if config.packing:
@@ -44,6 +45,7 @@ def train_supervised(config: SupervisedConfig) -> Path:
         print(f"sft: {len(encoded)} examples packed into {len(rows)} rows of <= {config.max_length} tokens")
         encoded = rows  # a "batch" is now of packed rows
     num_steps = total_steps(config, len(encoded))
+    model, tokenizer, device = load_trainable_lm(config, "sft", tokenizer=tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)
     stepper = OptimizerStep(params, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
