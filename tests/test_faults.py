@@ -327,3 +327,12 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_model(tiny_model
     assert_same_model(straight, killed)
     steps = [r["step"] for r in strict_rows(killed / "metrics.jsonl")]
     assert steps == list(range(1, 21))
+
+
+def test_ppo_checks_its_reward_model_before_loading_the_policy(tiny_model_dir, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q:"}])
+    err = cli_error(["ppo", "--model", str(tiny_model_dir), "--reward_model", str(tiny_model_dir), "--prompts",
+                     str(prompts), "--output_dir", str(tmp_path / "ppo"), "--batch_size", "2", "--mini_batch_size",
+                     "2", "--micro_batch_size", "2"], capsys)
+    assert err == (f"rlhf-fast ppo: reward model {tiny_model_dir} is not a saved reward model (no reward_config.json); "
+                   "`rlhf-fast rm` writes <output_dir>/reward")

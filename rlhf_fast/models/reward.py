@@ -53,9 +53,9 @@ class RewardModel(nn.Module):
         return directory
 
 
-def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name: str = "reward",
-                      device="cpu", dtype="auto", attn="auto") -> RewardModel:
-    """A saved reward model: its adapter onto `shared_trunk` (no second copy), or its own weights."""
+def read_reward_config(directory) -> dict:
+    """The saved reward model's reward_config.json; a missing or wrong directory is a one-line
+    ModelDirError, so stages check their reward models before loading anything."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
@@ -65,6 +65,17 @@ def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name:
         saved = json.loads(config_path.read_text())
     except ValueError as e:
         raise ModelDirError(f"{config_path}: not valid JSON ({e})") from None
+    if saved.get("kind") not in ("adapter", "model") or not (directory / HEAD_FILE).exists():
+        raise ModelDirError(f"{directory}: incomplete reward model (kind {saved.get('kind')!r}, {HEAD_FILE} "
+                            f"{'present' if (directory / HEAD_FILE).exists() else 'missing'})")
+    return saved
+
+
+def load_reward_model(directory, *, shared_trunk: nn.Module | None = None, name: str = "reward",
+                      device="cpu", dtype="auto", attn="auto") -> RewardModel:
+    """A saved reward model: its adapter onto `shared_trunk` (no second copy), or its own weights."""
+    directory = Path(directory)
+    saved = read_reward_config(directory)
     head = ScalarHead.load(directory / HEAD_FILE, device=device)
     if saved["kind"] == "adapter":
         if shared_trunk is None:
@@ -86,7 +97,7 @@ def load_reward_models(directories: dict, *, shared_trunk: nn.Module | None = No
     on the same base share one loaded copy of it."""
     models, bases = {}, {}
     for name, directory in directories.items():
-        saved = json.loads((Path(directory) / CONFIG_FILE).read_text()) if (Path(directory) / CONFIG_FILE).exists() else {}
+        saved = read_reward_config(directory)
         trunk = shared_trunk if shared_trunk is not None else bases.get(saved.get("base"))
         model = load_reward_model(directory, shared_trunk=trunk, name=name, device=device, dtype=dtype, attn=attn)
         if model.adapter is not None:

@@ -24,7 +24,7 @@ from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_trainable_lm
 from rlhf_fast.models.logprobs import response_nll
-from rlhf_fast.models.reward import HEAD_FILE, load_reward_models
+from rlhf_fast.models.reward import HEAD_FILE, load_reward_models, read_reward_config
 from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import Rollout, SamplingConfig, sample_with
@@ -127,7 +127,9 @@ class PPOTrainer:
         self.config = config
         seed_everything(config.seed)
         rundir.prepare(config, "ppo")
-        records = data.load_prompts(config.prompts)  # checked before any model loads
+        records = data.load_prompts(config.prompts)  # data and reward models checked before any model loads
+        for directory in config.reward_directories().values():
+            read_reward_config(directory)
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
         self.reward_models = load_reward_models(config.reward_directories(),
                                                 shared_trunk=model if config.lora_r else None,
