@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rlhf_fast.checkpoint import atomic_directory, check_finite
+from rlhf_fast.device import check_same_device
 from rlhf_fast.errors import ModelDirError
 from rlhf_fast.models.adapters import active_adapter, load_lora
 from rlhf_fast.models.heads import ScalarHead
@@ -29,6 +30,7 @@ class RewardModel(nn.Module):
         self.adapter_dir = adapter_dir  # where a loaded adapter came from (PPO's value init reads it)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        check_same_device("RewardModel", self.trunk, input_ids=input_ids, attention_mask=attention_mask)
         with active_adapter(self.trunk, self.adapter):
             hidden = last_hidden(self.trunk, input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
