@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis"],
-        "bench": ["liger-kernel", "cut-cross-entropy"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "trl==0.29.1"],
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
     },
