@@ -17,7 +17,9 @@ def _bytes(params) -> int:
 
 
 def kv_cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int) -> int:
-    """K and V for every layer at the longest sequence of a generation batch."""
+    """K and V for every layer of a static KV cache of `batch` rows x `seq_len` slots (the rollout
+    engine's: prompt + max_new_tokens, or its fixed max_length), as transformers' StaticCache
+    allocates it."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * batch * seq_len * heads * head_dim * dtype_bytes
@@ -31,8 +33,13 @@ def activation_bytes(config, micro_batch: int, seq_len: int, dtype_bytes: int) -
 
 
 def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int = 0,
-                  micro_batch: int = 1, seq_len: int = 512, optimizer_states: int = 2) -> dict:
-    """Estimated bytes per line item for a training run on `model` (+ heads)."""
+                  micro_batch: int = 1, seq_len: int = 512, optimizer_states: int = 2,
+                  generation_weights_bytes: int = 0) -> dict:
+    """Estimated bytes per line item for a training run on `model` (+ heads).
+
+    generation_batch: rows of the rollout engine's KV cache (`RolloutEngine.kv_cache_rows`), held
+    at seq_len slots; generation_weights_bytes: its merged copy (`RolloutEngine.copy_bytes`).
+    """
     params = list(model.parameters()) + [p for m in extra_modules for p in m.parameters()]
     trainable = [p for p in params if p.requires_grad]
     frozen = [p for p in params if not p.requires_grad]
@@ -44,6 +51,7 @@ def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int =
         "gradients": _bytes(trainable),
         "optimizer state": sum(p.numel() * 4 * optimizer_states for p in trainable),
         "KV cache (generation)": kv_cache_bytes(config, generation_batch, seq_len, dtype_bytes),
+        "generation weights (merged copy)": generation_weights_bytes,
         "activations (estimate)": activation_bytes(config, micro_batch, seq_len, dtype_bytes),
     }
 
