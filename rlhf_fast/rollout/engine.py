@@ -1,0 +1,314 @@
+"""The rollout engine: the one path by which every stage samples (a stage never calls HF `generate`).
+
+One call of `RolloutEngine.sample`:
+  1. refresh the generation view (weights.py): the policy's current adapters, never the base;
+  2. left-pad the prompts to P columns, repeat each `num_samples` times (rows grouped by prompt),
+     split the rows into generation batches of `generation_batch_size`;
+  3. per batch: one prefill forward into a static KV cache of C = P + max_new_tokens slots (on
+     CUDA, C = max_length or a multiple of 64, and the rows padded to a fixed count, so the
+     captured decode step is reused), then one decode step per new token: forward of the last
+     token, temperature / top-k / top-p, draw, EOS bookkeeping; stop when every row has ended;
+  4. assemble the `Rollout`, with the log-prob each sampled token was drawn with.
+Position ids are cumsum(attention_mask) - 1, as `models.trunk.last_hidden` makes them in
+training, so a token is scored at the position it was sampled at.
+"""
+import inspect
+import weakref
+
+import torch
+from torch.nn import functional as F
+from transformers import StaticCache
+
+from rlhf_fast.data import pad_batch
+from rlhf_fast.device import autocast, module_device
+from rlhf_fast.models.trunk import unwrap_peft
+from rlhf_fast.rollout.frame import Rollout
+from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, choose_tokens
+from rlhf_fast.rollout.weights import GenerationView, merged_copy_bytes, resolve_weights
+
+# CUDA only: the KV cache length is rounded up to this many slots when no max_length fixes it, so
+# prompts of similar lengths share one captured decode step.
+CUDA_LENGTH_BUCKET = 64
+# CUDA only: decode steps between checks that every row has ended (each check syncs the host).
+CUDA_EOS_CHECK_EVERY = 8
+
+
+def compile_step(step):
+    """The decode step, captured once per shape: torch.compile with CUDA graphs."""
+    return torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+
+class RolloutEngine:
+    """Samples responses from a causal LM (plain, or peft with LoRA adapters) at merged-weight
+    speed without ever writing to its weights.
+
+    model: a transformers *ForCausalLM or a PeftModel wrapping one; the engine holds it weakly
+    and samples from whatever adapters are active (or disabled) at each call.
+    generation_weights: "merged_copy" | "lora" | "auto" (see weights.py and SamplingConfig);
+    a model without LoRA layers is read directly whatever the choice ("none").
+    generation_batch_size: rows decoded together (0 = all rows of a call).
+    max_length: a fixed KV-cache length (prompt + max_new_tokens must fit), so that CUDA captures
+    the decode step once per run; 0 = sized per call.
+    eos_token_ids: the ids that end a response (default: the tokenizer's EOS).
+    compile: capture the decode step (torch.compile, mode "reduce-overhead"); default: on CUDA.
+    """
+
+    def __init__(self, model, tokenizer, *, generation_weights: str = "auto", generation_batch_size: int = 0,
+                 max_length: int = 0, eos_token_ids=None, compile: bool | None = None):
+        if generation_batch_size < 0:
+            raise ValueError(f"generation_batch_size must be >= 0 (0 = one batch), got {generation_batch_size}")
+        if max_length < 0:
+            raise ValueError(f"max_length must be >= 0 (0 = sized per call), got {max_length}")
+        eos = tokenizer.eos_token_id if eos_token_ids is None else eos_token_ids
+        if eos is None or tokenizer.pad_token_id is None:
+            raise ValueError("rollout engine: the tokenizer needs an EOS and a pad token")
+        self.eos_ids = sorted({eos} if isinstance(eos, int) else set(eos))
+        self.pad_id = tokenizer.pad_token_id
+        self.generation_batch_size, self.max_length = generation_batch_size, max_length
+        self.device = module_device(model)
+        self.dtype = next(unwrap_peft(model).parameters()).dtype
+        self.compile = self.device.type == "cuda" if compile is None else bool(compile)
+        self.requested_weights = generation_weights
+        self.weights = resolve_weights(generation_weights, model, self.device)
+        forward = inspect.signature(unwrap_peft(model).forward).parameters
+        # the KV cache argument: `past_key_values` in transformers 5.17, `cache` in 5.24
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+        self._model = weakref.ref(model)
+        self._view: GenerationView | None = None
+        self._step = None
+        self._cache, self._cache_shape = None, None
+        self._inputs, self._inputs_key = None, None
+        self._eos = torch.tensor(self.eos_ids, device=self.device)
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes the merged copy holds (0 unless generation weights are "merged_copy")."""
+        model = self._model()
+        return merged_copy_bytes(model) if self.weights == "merged_copy" and model is not None else 0
+
+    def kv_cache_rows(self, rows: int) -> int:
+        """Rows of the KV cache (and of each decode step) for a call with `rows` rows: the
+        generation batch, rounded up to a power of two where the step is captured so that few
+        shapes are ever captured (every batch of a call, the last too, has this many rows)."""
+        batch = min(self.generation_batch_size or rows, rows)
+        return 1 << (batch - 1).bit_length() if self.compile else batch
+
+    def sample_with(self, prompts: list[list[int]], sampling: SamplingConfig, *, num_samples: int = 1,
+                    do_sample: bool = True, generator: torch.Generator | None = None) -> Rollout:
+        """`sample` with a stage's SamplingConfig."""
+        return self.sample(prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_p=sampling.top_p, top_k=sampling.top_k, num_samples=num_samples,
+                           do_sample=do_sample, generator=generator)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+               top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, do_sample: bool = True,
+               generator: torch.Generator | None = None) -> Rollout:
+        """`num_samples` responses per prompt, rows grouped by prompt, as a Rollout [B, L] with
+        B = len(prompts) * num_samples and its `logprobs` [B, L-1] fp32.
+
+        prompts: token id lists (non-empty). do_sample=False decodes greedily (argmax; the
+        log-probs still use `temperature`). generator: the RNG of the draws (default: torch's
+        global one). Never writes to the model's weights, never changes its train/eval mode.
+        """
+        check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not prompts:
+            raise ValueError("sample needs at least one prompt")
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty: a response needs at least one prompt token")
+        module = self._refreshed_view()
+        prompt_ids, prompt_mask = (t.to(self.device).repeat_interleave(num_samples, dim=0)
+                                   for t in pad_batch(prompts, self.pad_id, side="left"))
+        rows, prompt_length = prompt_ids.shape
+        cache_length = self._cache_length(prompt_length, max_new_tokens)
+        batch = min(self.generation_batch_size or rows, rows)
+        padded = self.kv_cache_rows(rows)
+        sampling = (temperature, top_k, top_p, do_sample)
+        pieces = [self._generate(module, prompt_ids[first:first + batch], prompt_mask[first:first + batch],
+                                 padded, cache_length, max_new_tokens, sampling, generator)
+                  for first in range(0, rows, batch)]
+        return self._assemble(prompt_ids, prompt_mask, pieces)
+
+    # 1. the view
+    def _refreshed_view(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("rollout engine: its model no longer exists")
+        if self._view is None or not self._view.matches(model):
+            self.weights = resolve_weights(self.requested_weights, model, self.device)
+            self._view = GenerationView(model, "merged_copy" if self.weights == "merged_copy" else "lora")
+            self._step, self._cache, self._cache_shape, self._inputs, self._inputs_key = (None,) * 5
+        self._view.refresh()
+        return self._view.module
+
+    # 2. shapes
+    def _cache_length(self, prompt_length: int, max_new_tokens: int) -> int:
+        needed = prompt_length + max_new_tokens
+        if self.max_length and needed > self.max_length:
+            raise ValueError(f"prompt ({prompt_length} tokens, left-padded) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the engine's max_length {self.max_length}")
+        if not self.compile:
+            return needed
+        return self.max_length or -(-needed // CUDA_LENGTH_BUCKET) * CUDA_LENGTH_BUCKET
+
+    def _kv_cache(self, module, rows: int, length: int) -> StaticCache:
+        """A static cache of `rows` x `length` slots; a captured step keeps reusing one (its
+        tensors are static addresses in the CUDA graph), so it is held between calls."""
+        if self.compile and self._cache_shape == (rows, length):
+            self._cache.reset()
+            return self._cache
+        cache = StaticCache(config=module.config, max_cache_len=length)
+        if self.compile:
+            self._cache, self._cache_shape = cache, (rows, length)
+        return cache
+
+    # 3. decode
+    def _forward_last(self, module, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """fp32 logits [B, V] of the last position, the KV cache filled in place."""
+        with autocast(self.device, self.dtype):
+            out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        return out.logits[:, -1].float()
+
+    def _pick(self, logits, finished, lengths, noise, sampling):
+        """Next tokens [B] (pad for rows that have ended), their log-probs [B] (0 there), which
+        rows have ended [B] and response lengths [B] after this token."""
+        temperature, top_k, top_p, _ = sampling
+        tokens, logprobs = choose_tokens(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens = tokens.masked_fill(finished, self.pad_id)
+        logprobs = logprobs.masked_fill(finished, 0.0)
+        lengths = lengths + (~finished).long()
+        return tokens, logprobs, finished | torch.isin(tokens, self._eos), lengths
+
+    def _decode_step(self, module, cache, last_tokens, position_ids, attention_mask, finished, lengths, noise,
+                     sampling):
+        logits = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
+        return self._pick(logits, finished, lengths, noise, sampling)
+
+    def _step_inputs(self, rows: int, cache_length: int, vocab: int) -> dict[str, torch.Tensor]:
+        """The decode step's tensor inputs, rewritten in place every step. Where the step is
+        captured they are held between calls at fixed addresses (marked static, like the KV
+        cache), so a CUDA-graph replay copies nothing in; made per call otherwise. The largest is
+        the sampling noise, rows x vocab fp32 (131 MB at 256 x 128256)."""
+        key = (rows, cache_length, vocab)
+        if self.compile and self._inputs_key == key:
+            return self._inputs
+        inputs = {"attention_mask": torch.ones((rows, cache_length), dtype=torch.long, device=self.device),
+                  "last_tokens": torch.zeros((rows, 1), dtype=torch.long, device=self.device),
+                  "position_ids": torch.zeros((rows, 1), dtype=torch.long, device=self.device),
+                  "finished": torch.zeros(rows, dtype=torch.bool, device=self.device),
+                  "lengths": torch.zeros(rows, dtype=torch.long, device=self.device),
+                  "noise": torch.empty((rows, vocab), dtype=torch.float32, device=self.device)}
+        if self.compile:
+            for tensor in inputs.values():
+                torch._dynamo.mark_static_address(tensor)
+            self._inputs, self._inputs_key = inputs, key
+        return inputs
+
+    def _generate(self, module, prompt_ids, prompt_mask, padded, cache_length, max_new_tokens, sampling, generator):
+        """(tokens [b, n] int64, log-probs [b, n] fp32, lengths [b], ended [b]) for one generation
+        batch of b rows, decoded as `padded` >= b rows; n <= max_new_tokens is the longest
+        response, pad / 0 after each row's end."""
+        rows, prompt_length = prompt_ids.shape
+        if padded > rows:  # filler rows repeat the last real one and are dropped at the end
+            prompt_ids = torch.cat([prompt_ids, prompt_ids[-1:].expand(padded - rows, -1)])
+            prompt_mask = torch.cat([prompt_mask, prompt_mask[-1:].expand(padded - rows, -1)])
+        cache = self._kv_cache(module, padded, cache_length)
+        x = self._step_inputs(padded, cache_length, module.get_output_embeddings().weight.shape[0])
+        # slots after the prompt hold real tokens; causality hides the ones not written yet
+        x["attention_mask"].fill_(1)
+        x["attention_mask"][:, :prompt_length] = prompt_mask
+        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        x["position_ids"].copy_(position_ids[:, -1:] + 1)
+        x["finished"].zero_()
+        x["lengths"].zero_()
+        do_sample = sampling[3]
+
+        def noise():
+            return x["noise"].exponential_(generator=generator) if do_sample else None
+
+        tokens = torch.full((padded, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        logprobs = torch.zeros((padded, max_new_tokens), dtype=torch.float32, device=self.device)
+        logits = self._forward_last(module, cache, prompt_ids, x["attention_mask"], position_ids)
+        outputs = self._pick(logits, x["finished"], x["lengths"], noise(), sampling)
+        step = self._compiled_step()
+        for t in range(max_new_tokens):
+            if t > 0:
+                if self.compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                outputs = step(module, cache, x["last_tokens"], x["position_ids"], x["attention_mask"],
+                               x["finished"], x["lengths"], noise(), sampling)
+                x["position_ids"] += 1
+            # copied out at once: a captured step's outputs are overwritten by its next replay
+            new_tokens, new_logprobs, new_finished, new_lengths = outputs
+            tokens[:, t].copy_(new_tokens)
+            logprobs[:, t].copy_(new_logprobs)
+            x["last_tokens"].copy_(new_tokens[:, None])
+            x["finished"].copy_(new_finished)
+            x["lengths"].copy_(new_lengths)
+            check = not self.compile or t % CUDA_EOS_CHECK_EVERY == CUDA_EOS_CHECK_EVERY - 1
+            if check and bool(x["finished"][:rows].all()):
+                break
+        lengths = x["lengths"][:rows].clone()
+        longest = int(lengths.max())
+        return tokens[:rows, :longest], logprobs[:rows, :longest], lengths, x["finished"][:rows].clone()
+
+    def _compiled_step(self):
+        if self._step is None:
+            self._step = compile_step(self._decode_step) if self.compile else self._decode_step
+        return self._step
+
+    # 4. the Rollout
+    def _assemble(self, prompt_ids, prompt_mask, pieces) -> Rollout:
+        width = max(piece[0].shape[1] for piece in pieces)
+        tokens = torch.cat([F.pad(p[0], (0, width - p[0].shape[1]), value=self.pad_id) for p in pieces])
+        logprobs = torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in pieces])
+        lengths = torch.cat([p[2] for p in pieces])
+        ended = torch.cat([p[3] for p in pieces])
+        rows, prompt_length = prompt_ids.shape
+        in_response = (torch.arange(width, device=self.device) < lengths[:, None]).long()
+        attention_mask = torch.cat([prompt_mask, in_response], dim=1)
+        token_mask = torch.cat([torch.zeros_like(prompt_mask), in_response], dim=1)
+        frame_logprobs = torch.zeros((rows, prompt_length + width - 1), dtype=torch.float32, device=self.device)
+        frame_logprobs[:, prompt_length - 1:] = logprobs
+        return Rollout(torch.cat([prompt_ids, tokens], dim=1), attention_mask, token_mask[:, 1:].clone(),
+                       prompt_length, ended, frame_logprobs)
+
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, tokenizer, *, generation_weights: str = "auto", generation_batch_size: int = 0,
+               max_length: int = 0) -> RolloutEngine:
+    """The engine kept for `model` with these options (made on first use), so the module-level
+    `sample` reuses one view, KV cache and captured step across calls. Dropped with the model."""
+    eos = tokenizer.eos_token_id
+    key = (generation_weights, generation_batch_size, max_length, tokenizer.pad_token_id,
+           tuple(sorted({eos} if isinstance(eos, int) else set(eos or ()))))
+    engines = _ENGINES.setdefault(model, {})
+    if key not in engines:
+        engines[key] = RolloutEngine(model, tokenizer, generation_weights=generation_weights,
+                                     generation_batch_size=generation_batch_size, max_length=max_length)
+    return engines[key]
+
+
+def sample(policy, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, do_sample: bool = True,
+           generation_weights: str = "auto", generation_batch_size: int = 0) -> Rollout:
+    """Sample `num_samples` responses per prompt (rows grouped by prompt) through the policy's
+    engine (`engine_for`); see RolloutEngine.sample."""
+    engine = engine_for(policy, tokenizer, generation_weights=generation_weights,
+                        generation_batch_size=generation_batch_size)
+    return engine.sample(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, num_samples=num_samples, do_sample=do_sample)
+
+
+def sample_with(policy, tokenizer, prompts: list[list[int]], sampling: SamplingConfig, *,
+                num_samples: int = 1) -> Rollout:
+    """`sample` with a stage's SamplingConfig (its generation_weights and generation_batch_size too)."""
+    engine = engine_for(policy, tokenizer, generation_weights=sampling.generation_weights,
+                        generation_batch_size=sampling.generation_batch_size)
+    return engine.sample_with(prompts, sampling, num_samples=num_samples)
