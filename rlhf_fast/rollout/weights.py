@@ -27,7 +27,7 @@ from peft.tuners.lora import Linear as LoraLinear, LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 # "auto" takes the merged copy when it needs at most this share of the device's memory: Llama-3.2-1B's
-# copy (1.9 GB bf16) on any card from 16 GB; Llama-3.1-8B's (14 GB) on an H200 (141 GB), not an H100.
+# copy (1.8 GiB bf16) on any card from 16 GB; Llama-3.1-8B's (13 GiB) on an H200 (141 GB), not an H100.
 AUTO_COPY_SHARE = 1 / 8
 # The fp32 scratch of a merged copy's refresh, at most this many elements at a time (64 MiB).
 REFRESH_CHUNK_ELEMENTS = 2 ** 24
