@@ -17,6 +17,8 @@ from rlhf_fast.rollout.weights import MergedLinear, active_terms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LORA_WEIGHTS = ("merged_copy", "lora")
+# |engine - trainer| log-prob bound in fp32: the two run different attention and head kernels
+LOGPROB_TOL = 2e-5 if DEVICE.type == "cpu" else 1e-4
 
 
 def fp32_model(model_dir):
@@ -101,7 +103,7 @@ def test_sampled_logprobs_are_the_trainers(tiny_model_dir, weights):
     assert rollout.logprobs.dtype == torch.float32 and rollout.logprobs.shape == mask.shape
     assert (rollout.logprobs[~mask] == 0).all()
     assert (rollout.logprobs[mask] < 0).all()
-    assert (rollout.logprobs - trainer).abs().max().item() < 2e-5
+    assert (rollout.logprobs - trainer).abs().max().item() < LOGPROB_TOL
     expected = ((rollout.logprobs.double() - trainer.double()).abs() * mask).sum() / mask.sum()
     assert logprob_diff(rollout.logprobs, trainer, rollout.response_mask) == pytest.approx(expected.item(), rel=1e-12)
 
@@ -339,5 +341,5 @@ def test_captured_step_path_traces_once_as_one_graph(tiny_model_dir, monkeypatch
     sampled = captured.sample(prompts, max_new_tokens=10, temperature=0.9, top_k=30, top_p=0.95)
     trainer, _ = sequence_logprobs(model, sampled.input_ids, sampled.attention_mask,
                                    response_start=sampled.prompt_length, temperature=0.9)
-    assert (sampled.logprobs - trainer).abs().max().item() < 2e-5
+    assert (sampled.logprobs - trainer).abs().max().item() < LOGPROB_TOL
     assert len(graphs) == 2
