@@ -4,15 +4,16 @@
 `kernels` module would shadow the Hugging Face `kernels` package that transformers
 probes for.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="rlhf_fast",
     version="0.1.0",
-    description="Fast, memory-lean single-node RLHF (SFT, reward models, PPO, DPO, "
-                "rejection sampling) with fused Triton kernels",
+    description="Fast, memory-lean single-node RLHF (SFT, reward models, PPO, rejection sampling, "
+                "Llama 2 rounds) with fused Triton kernels",
     python_requires=">=3.10",
-    packages=["rlhf_fast", "rlhf_fast.stages", "rlhf_fast.models", "rlhf_fast.demo", "rlhf_fast.kernels"],
+    # every package under rlhf_fast/ (a new one cannot be forgotten), and kernels/ as rlhf_fast.kernels
+    packages=find_packages(include=["rlhf_fast", "rlhf_fast.*"]) + ["rlhf_fast.kernels"],
     package_dir={"rlhf_fast.kernels": "kernels"},
     package_data={"rlhf_fast.kernels": ["csrc/*.cpp", "_native/*.so"]},
     install_requires=[

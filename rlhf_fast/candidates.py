@@ -11,24 +11,25 @@ from rlhf_fast.rollout import sample_with
 @torch.no_grad()
 def sample_and_score(config, device, *, k: int, prompts_per_batch: int) -> list[dict]:
     """Every prompt's K candidates with their reward: [{prompt, responses, rewards, scores}], where
-    scores holds each reward model's own scores beside the combined `rewards`.
+    scores holds each reward model's (and reward function's) own scores beside the combined `rewards`.
 
     `config` carries model, dtype, attn_implementation, prompts, the SamplingConfig fields and the
     RewardConfig fields (RSConfig and GenerateConfig both do).
     """
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, device=device, dtype=config.dtype, attn=config.attn_implementation)
-    reward_models = load_reward_models(config.reward_directories(), device=device, dtype=config.dtype)
+    scorer = rewards.Scorer(config, load_reward_models(config.reward_directories(), device=device, dtype=config.dtype))
     records = data.load_prompts(config.prompts)
     results = []
     for first in range(0, len(records), prompts_per_batch):
         chunk = records[first:first + prompts_per_batch]
         rollout = sample_with(policy, tokenizer, [data.encode_prompt(tokenizer, r.prompt) for r in chunk],
                               config, num_samples=k)
-        safety = torch.tensor([config.safety_tag in r.tags for r in chunk for _ in range(k)], device=device)
-        combined, scores = rewards.score(reward_models, rollout.input_ids, rollout.attention_mask, config,
-                                         safety_prompt=safety)
+        rows = [r for r in chunk for _ in range(k)]
         texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
+        safety = torch.tensor([config.safety_tag in r.tags for r in rows], device=device)
+        combined, scores = scorer(rollout.input_ids, rollout.attention_mask, prompts=rows, completions=texts,
+                                  safety_prompt=safety)
         for i, record in enumerate(chunk):
             rows = slice(i * k, (i + 1) * k)
             results.append({"prompt": record.prompt, "responses": texts[rows], "rewards": combined[rows].tolist(),

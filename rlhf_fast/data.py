@@ -15,7 +15,7 @@ Formats (one line each):
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from types import MappingProxyType
 from typing import Iterator, Mapping
@@ -58,6 +58,7 @@ class PromptRecord:
     prompt: str
     tags: tuple[str, ...]
     source: str
+    fields: dict = field(default_factory=dict)  # the line's other keys (e.g. a reference answer for a reward function)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +253,8 @@ def _ranking_pairs(prompt: str, record: dict, source: str) -> list[PreferencePai
 # Prompts
 
 def load_prompts(path) -> list[PromptRecord]:
-    """Prompts for generation (PPO, rejection sampling); "tags" is a string or a list of strings."""
+    """Prompts for generation (PPO, rejection sampling); "tags" is a string or a list of strings; the
+    line's other keys are kept in `fields` (reward functions receive them)."""
     records = []
     for source, record in read_jsonl(path):
         prompt = _text(record, "prompt", source)
@@ -261,7 +263,8 @@ def load_prompts(path) -> list[PromptRecord]:
             tags = [tags]
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise DataError(f"{source}: field 'tags' must be a string or an array of strings, got {tags!r}")
-        records.append(PromptRecord(prompt, tuple(tags), source))
+        others = {k: v for k, v in record.items() if k not in ("prompt", "tags")}
+        records.append(PromptRecord(prompt, tuple(tags), source, others))
     return records
 
 

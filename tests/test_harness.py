@@ -1,9 +1,9 @@
 """The harness itself: packaging, the Triton kernels (interpreted here, compiled for H100), the tiny
 saved model, the CLI and selfcheck."""
-import ast
 import importlib
 import importlib.metadata
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +16,23 @@ from helpers import assert_rel_close
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kernels_package_is_not_top_level(tmp_path):
+def test_kernels_package_is_not_top_level(tmp_path, monkeypatch):
     """kernels/ installs only as rlhf_fast.kernels: a top-level `kernels` is another package's name,
-    one transformers probes for. Checked whether the package is installed or only on a path."""
+    one transformers probes for; and every package under rlhf_fast/ is installed. Checked whether
+    the package is installed or only on a path."""
+    import setuptools
+
     import rlhf_fast.kernels as k
 
     assert k.__name__ == "rlhf_fast.kernels"
-    setup_call = next(node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
-                      if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup")
-    setup = {kw.arg: ast.literal_eval(kw.value) for kw in setup_call.keywords
-             if kw.arg in ("packages", "package_dir")}
+    setup = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: setup.update(kwargs))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "setup.py"))
     assert setup["package_dir"] == {"rlhf_fast.kernels": "kernels"}
     assert "rlhf_fast.kernels" in setup["packages"] and "kernels" not in setup["packages"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "rlhf_fast").rglob("__init__.py")}
+    assert on_disk <= set(setup["packages"]), f"not installed: {sorted(on_disk - set(setup['packages']))}"
 
     # a fresh interpreter outside the checkout (which, as the current directory, would put kernels/
     # on sys.path itself): a top-level `kernels`, if any, is some other package

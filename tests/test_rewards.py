@@ -46,3 +46,80 @@ def test_llama2_needs_both_models_and_names_what_it_has():
 
 def test_whiten_of_one_score_is_centred_not_nan():
     assert whiten(torch.tensor([3.0])).tolist() == [0.0]
+
+
+# --- reward functions (TRL GRPOTrainer's interface) -------------------------------------------
+
+def word_count(prompts, completions, **fields):
+    return [len(c.split()) for c in completions]
+
+
+def matches_answer(prompts, completions, answer, **fields):
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+
+def raises(prompts, completions, **fields):
+    raise KeyError("no such column")
+
+
+def one_short(prompts, completions, **fields):
+    return [0.0] * (len(completions) - 1)
+
+
+def gives_nan(prompts, completions, **fields):
+    return [float("nan") if "bad" in p else 0.0 for p in prompts]
+
+
+def scorer_for(*names, weights=()):
+    from rlhf_fast.rewards import RewardConfig, Scorer
+
+    config = RewardConfig(reward_functions=[f"test_rewards:{n}" for n in names], reward_function_weights=list(weights))
+    config.check_rewards()
+    return Scorer(config, reward_models={})
+
+
+def records(*prompts, answers=None):
+    from rlhf_fast.data import PromptRecord
+
+    return [PromptRecord(p, (), f"p.jsonl:{i + 1}", {} if answers is None else {"answer": answers[i]})
+            for i, p in enumerate(prompts)]
+
+
+def call(scorer, prompts, completions):
+    ids = torch.zeros(len(completions), 3, dtype=torch.long)
+    return scorer(ids, torch.ones_like(ids), prompts=prompts, completions=completions,
+                  safety_prompt=torch.zeros(len(completions), dtype=torch.bool))
+
+
+def test_reward_functions_get_the_prompt_fields_and_are_weighted():
+    scorer = scorer_for("word_count", "matches_answer", weights=(0.5, 2.0))
+    reward, raw = call(scorer, records("q1", "q2", answers=["a b", "c"]), [" a b", "x y z"])
+    assert raw["test_rewards:word_count"].tolist() == [2.0, 3.0]
+    assert raw["test_rewards:matches_answer"].tolist() == [1.0, 0.0]
+    assert reward.tolist() == [0.5 * 2 + 2.0 * 1, 0.5 * 3 + 0.0]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("raises", r"reward function test_rewards:raises raised KeyError: 'no such column' \(on a batch of 2 "
+               r"completions, the first for prompt 'good'\)"),
+    ("one_short", r"test_rewards:one_short returned 1 values for 2 completions \(first prompt 'good'\)"),
+    ("gives_nan", r"test_rewards:gives_nan returned nan for prompt 'bad'"),
+])
+def test_a_failing_reward_function_is_named_with_the_prompt(name, message):
+    from rlhf_fast.rewards import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match=message):
+        call(scorer_for(name), records("good", "bad"), ["x", "y"])
+
+
+def test_a_reward_function_that_cannot_be_found_fails_when_the_config_is_built():
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.rewards import RewardConfig
+
+    for name, message in (("no_colon", "expected 'module:function'"), ("no_such_module:f", "cannot import"),
+                          ("test_rewards:nothing_here", "has no callable 'nothing_here'")):
+        with pytest.raises(ConfigError, match=message):
+            RewardConfig(reward_functions=[name]).check_rewards()
+    with pytest.raises(ConfigError, match="1 weights for 2 reward_functions"):
+        RewardConfig(reward_functions=["test_rewards:word_count", "test_rewards:raises"],
+                     reward_function_weights=[1.0]).check_rewards()

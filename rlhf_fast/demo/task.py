@@ -5,7 +5,8 @@ The oracle likes distinct on-topic words, dislikes off-topic words and repeats, 
 lists longer than six words. Demonstrations rarely exceed six words, so a reward model trained on
 rankings of SFT samples sees little of that last rule: a policy that over-optimises the reward
 model by growing its lists would show as a gap between the reward model's score and the oracle's.
-The oracle is only ever used to label rankings and to evaluate, never as the PPO reward.
+The oracle labels rankings and evaluates; PPO never sees it (only the reward model learnt from its
+rankings), while GRPO may take it as a verifiable reward function (`oracle_reward`).
 """
 import random
 
@@ -52,6 +53,13 @@ def oracle_score(prompt: str, response: str) -> float:
     repeats = len(words) - len(set(words))
     too_long = max(0, len(words) - MAX_GOOD_LENGTH)
     return distinct_on - off_topic - 0.5 * repeats - 0.5 * too_long
+
+
+def oracle_reward(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """The oracle as a verifiable reward function (`rlhf_fast.demo.task:oracle_reward`), with TRL
+    GRPOTrainer's interface: what GRPO optimises directly in the demo, where PPO only sees a reward
+    model trained on the oracle's rankings."""
+    return [oracle_score(p, c) for p, c in zip(prompts, completions)]
 
 
 def rank(prompt: str, responses: list[str]) -> list[str]:
