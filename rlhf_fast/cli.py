@@ -15,6 +15,7 @@ COMMANDS = {
     "sft": ("rlhf_fast.stages.sft", "SFTConfig", "supervised fine-tuning on demonstrations"),
     "rm": ("rlhf_fast.stages.rm", "RMConfig", "reward model from pairwise preferences or rankings"),
     "ppo": ("rlhf_fast.stages.ppo", "PPOConfig", "PPO against a reward model with a per-token KL penalty"),
+    "grpo": ("rlhf_fast.stages.ppo", "GRPOConfig", "GRPO / Dr. GRPO / RLOO / REINFORCE++: PPO's stage, critic-free"),
     "rs": ("rlhf_fast.stages.rs", "RSConfig", "rejection-sampling fine-tuning (Llama 2): best of K, then SFT"),
     "rounds": ("rlhf_fast.stages.rounds", "RoundsConfig", "Llama 2's iterated rounds: reward-model refresh, RS, PPO"),
     "generate": ("rlhf_fast.stages.generate", "GenerateConfig", "best-of-N sampling with reward model(s)"),

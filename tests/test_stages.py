@@ -297,8 +297,9 @@ def test_two_reward_models_on_one_trunk_score_as_each_does_alone(tiny_model_dir,
         model=str(tiny_model_dir), reward_models=dirs, reward_combination="llama2", prompts=str(prompts),
         output_dir=str(tmp_path / "ppo"), lora_r=4, iterations=1, batch_size=4, mini_batch_size=2,
         micro_batch_size=2, max_new_tokens=3, max_length=16))
-    rollout, safety_prompt = trainer.rollout()
-    _, raw = trainer.score(rollout, safety_prompt)
+    rollout, rows = trainer.rollout()
+    _, raw = trainer.score(rollout, rows)
+    safety_prompt = torch.tensor(["safety" in r.tags for r in rows], device=trainer.device)
     for name, directory in dirs.items():
         alone = load_reward_model(directory, shared_trunk=load_causal_lm(tiny_model_dir), name=name,
                                   device=trainer.device)

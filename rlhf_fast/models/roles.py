@@ -4,7 +4,8 @@
 - reference = the same base with adapters disabled. The base is the SFT model (its adapter was
               merged by the SFT stage), so "adapters off" is the SFT policy and PPO starts at KL 0.
               Under full fine-tuning it is a frozen copy, optionally kept on the CPU;
-- value     = a scalar head on the policy trunk's last hidden state;
+- value     = a scalar head on the policy trunk's last hidden state (none for the critic-free
+              estimators: GRPO, RLOO, REINFORCE++);
 - reward    = a "reward" adapter + head on the same base, or a model directory of its own.
 """
 import contextlib
@@ -43,9 +44,10 @@ class ActorCritic(nn.Module):
     value_mode: "head" - a head on the policy trunk's detached hidden states (the value loss
     cannot drag the policy around); "shared" - the same, with the value gradient flowing into
     the trunk; "adapter" - a "value" LoRA adapter of its own + head on the same base weights.
+    value_head None: no value function at all (critic-free estimators); values come back None.
     """
 
-    def __init__(self, model: nn.Module, value_head: ScalarHead, *, reference: nn.Module | None = None,
+    def __init__(self, model: nn.Module, value_head: ScalarHead | None, *, reference: nn.Module | None = None,
                  value_mode: str = "head"):
         super().__init__()
         fusable_head(model)
@@ -56,15 +58,15 @@ class ActorCritic(nn.Module):
         self.reference_model = reference
 
     @classmethod
-    def full_finetune(cls, model: nn.Module, value_head: ScalarHead, offload_reference: bool = False,
+    def full_finetune(cls, model: nn.Module, value_head: ScalarHead | None, offload_reference: bool = False,
                       value_mode: str = "head"):
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         if offload_reference:
             reference.to("cpu")
         return cls(model, value_head, reference=reference, value_mode=value_mode)
 
-    def forward(self, input_ids, attention_mask, response_mask) -> tuple[HeadInputs, torch.Tensor]:
-        """(the policy's head inputs, V(s_t) [B, L-1]) for a batch of sequences: all a PPO update
+    def forward(self, input_ids, attention_mask, response_mask) -> tuple[HeadInputs, torch.Tensor | None]:
+        """(the policy's head inputs, V(s_t) [B, L-1] or None) for a batch of sequences: all a PPO update
         needs from the network, so the update never reaches into it (cleanrl's get_action_and_value).
 
         input_ids, attention_mask [B, L]; response_mask [B, L-1] marks the response targets. The
@@ -78,12 +80,14 @@ class ActorCritic(nn.Module):
         inputs = HeadInputs(hidden[:, :-1], head.weight, head.bias, next_token_targets(input_ids, response_mask))
         return inputs, self.values(hidden, input_ids, attention_mask)
 
-    def values(self, hidden: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
-        """V(s_t) for the [B, L-1] target frame: the state before token t + 1.
+    def values(self, hidden: torch.Tensor, input_ids, attention_mask) -> torch.Tensor | None:
+        """V(s_t) for the [B, L-1] target frame: the state before token t + 1 (None without a critic).
 
         `hidden` is the policy trunk's output for (input_ids, attention_mask); the "adapter"
         mode runs the trunk again with the value adapter instead.
         """
+        if self.value_head is None:
+            return None
         if self.value_mode == "adapter":
             with active_adapter(self.model, VALUE_ADAPTER):
                 hidden = last_hidden(self.model, input_ids, attention_mask)

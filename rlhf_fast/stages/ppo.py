@@ -1,20 +1,26 @@
-"""Step 3 of InstructGPT: PPO against the reward model with a per-token KL penalty.
+"""Step 3 of InstructGPT: PPO against the reward model with a per-token KL penalty; and, on the
+same code path, the critic-free estimators users expect beside it (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
 Each iteration:
-  1. rollout()            sample responses to a batch of prompts from the current policy;
-  2. score()              reward-model scores of (prompt, response), optionally normalised/clipped;
+  1. rollout()            sample samples_per_prompt responses to each of a batch of prompts from the
+                          current policy (the rollout engine);
+  2. score()              reward model(s) and reward functions on (prompt, response), optionally
+                          normalised / clipped;
   3. make_experience()    old log-probs and values (policy), reference log-probs (adapters off);
-  4. compute_advantages() r_t = -beta KL_t (+ score at the last token), GAE, whitening;
-  5. train_minibatches()  PPO epochs over shuffled minibatches: clipped surrogate from hidden
-                          states (fused head, no logits) + clipped value loss (+ PPO-ptx);
+  4. compute_advantages() the advantage estimator: GAE on r_t = -beta KL_t (+ score at the last
+                          token) with the value function, or a critic-free one (rlhf_fast.estimators);
+  5. train_minibatches()  epochs over shuffled minibatches: clipped surrogate from hidden states
+                          (fused head, no logits; + beta KL to the reference when the KL is a loss
+                          term) + clipped value loss with a critic (+ PPO-ptx);
   6. the KL controller adapts beta toward a target KL (Ziegler et al., 2019), if asked.
+`rlhf-fast grpo` is this stage with GRPO's defaults (GRPOConfig).
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_fast import data, kernels, rewards
+from rlhf_fast import data, estimators, kernels, rewards
 from rlhf_fast.batching import collate
 from rlhf_fast.checkpoint import atomic_directory, check_finite
 from rlhf_fast.config import ConfigError, check_divides, option, require
@@ -27,7 +33,7 @@ from rlhf_fast.models.logprobs import response_nll
 from rlhf_fast.models.reward import HEAD_FILE, load_reward_models, read_reward_config
 from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
 from rlhf_fast.rewards import RewardConfig
-from rlhf_fast.rollout import Rollout, SamplingConfig, sample_with
+from rlhf_fast.rollout import Rollout, RolloutEngine, SamplingConfig, logprob_diff
 from rlhf_fast.seeding import run_generator, seed_everything
 from rlhf_fast.training.config import TrainConfig
 from rlhf_fast.training.loop import run_steps, save_final
@@ -40,6 +46,11 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     """PPO on {"prompt"} JSONL against a reward model saved by `rlhf-fast rm`."""
 
     prompts: str = option("", "prompt JSONL file")
+    advantage_estimator: str = option("gae", "'gae' (PPO with a value function), or critic-free: 'grpo', "
+                                             "'dr_grpo', 'rloo', 'reinforce_pp' (no value head, no value "
+                                             "optimiser state)", choices=estimators.ESTIMATORS)
+    samples_per_prompt: int = option(1, "responses sampled per prompt (a group); batch_size counts responses",
+                                     min=1)
     iterations: int = option(20, "rollout + update iterations", min=1)
     mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch", min=1)
     ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
@@ -51,9 +62,12 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     entropy_coef: float = option(0.0, "entropy bonus weight")
     gamma: float = option(1.0, "GAE discount", min=0.0, max=1.0)
     lam: float = option(0.95, "GAE lambda", min=0.0, max=1.0)
-    kl_coef: float = option(0.05, "initial beta of the per-token KL penalty in the reward", min=0.0)
-    kl_estimator: str = option("k1", "per-token KL estimator in the reward: k1, k2 or k3",
+    kl_coef: float = option(0.05, "initial beta of the KL penalty to the reference", min=0.0)
+    kl_estimator: str = option("k1", "per-token KL estimator: k1, k2 or k3 (GRPO uses k3)",
                                choices=kernels.KL_ESTIMATORS)
+    kl_mode: str = option("auto", "where the KL goes: 'reward' (per token, InstructGPT; summed per sequence "
+                                  "for the group estimators), 'loss' (beta x KL term, GRPO), 'auto' (loss for "
+                                  "grpo / dr_grpo / rloo, reward otherwise)", choices=("auto", "reward", "loss"))
     target_kl: float = option(0.0, "adaptive KL controller's target (0 = fixed beta)", min=0.0)
     kl_horizon: int = option(10000, "adaptive KL controller's horizon (samples)", min=1)
     whiten_advantages: bool = option(True, "whiten advantages over the batch's response tokens")
@@ -79,7 +93,41 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
         self.check_sampling()
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("ptx_coef > 0 needs ptx_data (an SFT JSONL file)")
+        check_divides(self.batch_size, self.samples_per_prompt, "batch_size / samples_per_prompt")
+        if self.advantage_estimator in estimators.GROUP_BASELINES and self.samples_per_prompt < 2:
+            raise ConfigError(f"advantage_estimator {self.advantage_estimator!r} compares the samples of a prompt: "
+                              "set samples_per_prompt >= 2")
+        if self.critic_free and self.value_init_from_reward:
+            raise ConfigError(f"value_init_from_reward: {self.advantage_estimator} trains no value function")
+        if self.value_init_from_reward and not self.reward_directories():
+            raise ConfigError("value_init_from_reward needs a reward model to copy")
         require(self.prompts, "prompts", "a prompt JSONL file")
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage_estimator in estimators.CRITIC_FREE
+
+    @property
+    def kl_in_loss(self) -> bool:
+        if self.kl_mode == "auto":
+            return self.advantage_estimator in estimators.GROUP_BASELINES
+        return self.kl_mode == "loss"
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """GRPO (Shao et al. 2024) on {"prompt"} JSONL: PPO's stage with a group of samples per prompt, the
+    group-normalised reward as every token's advantage, no value function, and beta x k3 KL to the
+    reference as a loss term; set advantage_estimator for Dr. GRPO, RLOO or REINFORCE++."""
+
+    advantage_estimator: str = option("grpo", "'grpo', 'dr_grpo', 'rloo', 'reinforce_pp', or 'gae' (PPO)",
+                                      choices=estimators.ESTIMATORS)
+    samples_per_prompt: int = option(4, "responses sampled per prompt (a group); batch_size counts responses",
+                                     min=1)
+    kl_coef: float = option(0.04, "beta of the KL to the reference (GRPO: 0.04)", min=0.0)
+    kl_estimator: str = option("k3", "per-token KL estimator: k1, k2 or k3 (GRPO uses k3)",
+                               choices=kernels.KL_ESTIMATORS)
+    ppo_epochs: int = option(1, "passes over each rollout batch", min=1)
 
 
 class AdaptiveKLController:
@@ -114,10 +162,10 @@ class RunningMoments:
 @dataclass
 class Experience:
     rollout: Rollout
-    scores: torch.Tensor         # [B]
-    old_logprobs: torch.Tensor   # [B, L-1]
-    ref_logprobs: torch.Tensor   # [B, L-1]
-    old_values: torch.Tensor     # [B, L-1]
+    scores: torch.Tensor               # [B]
+    old_logprobs: torch.Tensor         # [B, L-1]
+    ref_logprobs: torch.Tensor         # [B, L-1]
+    old_values: torch.Tensor | None    # [B, L-1]; None without a critic
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
@@ -137,14 +185,18 @@ class PPOTrainer:
         for reward_model in self.reward_models.values():
             if reward_model.adapter is not None:
                 model = reward_model.trunk  # reward adapters were loaded onto the policy's PeftModel
-        self.reward_model = next(iter(self.reward_models.values()))  # the one a value function may copy
-        if config.value_mode == "adapter":
+        # the one a value function may copy
+        self.reward_model = next(iter(self.reward_models.values()), None)
+        self.scorer = rewards.Scorer(config, self.reward_models)
+        if config.value_mode == "adapter" and not config.critic_free:
             model = self._add_value_adapter(model)
-        value_head = self._value_head(model.config.hidden_size)
+        value_head = None if config.critic_free else self._value_head(model.config.hidden_size)
         self.actor = (ActorCritic(model, value_head, value_mode=config.value_mode) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference, config.value_mode))
+        self.engine = RolloutEngine(self.actor.model, self.tokenizer, generation_weights=config.generation_weights,
+                                    generation_batch_size=config.generation_batch_size, max_length=config.max_length)
+        self.records = records
         self.prompts = self._encode_prompts(records)
-        self.safety_prompts = [config.safety_tag in r.tags for r in records]
         self.ptx = self._ptx_examples()
         self.params = [p for p in self.actor.parameters() if p.requires_grad]
         optimizer, scheduler = build_optimizer(self.params, config, self._num_updates())
@@ -181,8 +233,8 @@ class PPOTrainer:
         return model
 
     def _value_head(self, hidden_size: int) -> ScalarHead:
-        reward_head = Path(next(iter(self.config.reward_directories().values()))) / HEAD_FILE
-        if self.config.value_init_from_reward and reward_head.exists():
+        if self.config.value_init_from_reward:
+            reward_head = Path(next(iter(self.config.reward_directories().values()))) / HEAD_FILE
             return ScalarHead.load(reward_head, device=self.device)
         head = ScalarHead(hidden_size).to(self.device)
         torch.nn.init.zeros_(head.proj.weight)  # V = 0 until it has learnt: a baseline that misleads no one
@@ -200,18 +252,22 @@ class PPOTrainer:
         return c.iterations * c.ppo_epochs * (c.batch_size // c.mini_batch_size)
 
     # 1. rollout
-    def rollout(self) -> tuple[Rollout, torch.Tensor]:
-        """Sampled responses to a random batch of prompts, and which of those prompts are safety-tagged."""
-        picks = self._draw(len(self.prompts), self.config.batch_size)
-        rollout = sample_with(self.actor.model, self.tokenizer, [self.prompts[i] for i in picks], self.config)
-        return rollout, torch.tensor([self.safety_prompts[i] for i in picks], device=self.device)
+    def rollout(self) -> tuple[Rollout, list]:
+        """Responses to a random batch of prompts, samples_per_prompt each (rows grouped by prompt),
+        and each row's prompt record."""
+        n = self.config.samples_per_prompt
+        picks = self._draw(len(self.prompts), self.config.batch_size // n)
+        rollout = self.engine.sample_with([self.prompts[i] for i in picks], self.config, num_samples=n)
+        return rollout, [self.records[i] for i in picks for _ in range(n)]
 
     # 2. score
     @torch.no_grad()
-    def score(self, rollout: Rollout, safety_prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(scores used for training, {reward model name: raw scores} plus "combined")."""
-        combined, raw = rewards.score(self.reward_models, rollout.input_ids, rollout.attention_mask, self.config,
-                                      safety_prompt=safety_prompt)
+    def score(self, rollout: Rollout, rows: list) -> tuple[torch.Tensor, dict]:
+        """(scores used for training [B], {reward model / function name: raw scores} plus "combined")."""
+        completions = self.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
+        safety_prompt = torch.tensor([self.config.safety_tag in r.tags for r in rows], device=self.device)
+        combined, raw = self.scorer(rollout.input_ids, rollout.attention_mask, prompts=rows, completions=completions,
+                                    safety_prompt=safety_prompt)
         raw["combined"] = combined
         scores = combined - self.config.missing_eos_penalty * (~rollout.ended_with_eos).float()
         if self.config.normalize_scores:
@@ -232,17 +288,19 @@ class PPOTrainer:
             head, values = self.actor(ids, mask, resp)
             ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
             old_logprobs.append(self.actor.logprobs(head, temperature=temperature)[0])
-            old_values.append(values * resp)
+            if values is not None:
+                old_values.append(values * resp)
         return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
-                          torch.cat(old_values))
+                          torch.cat(old_values) if old_values else None)
 
     # 4. advantages
     def compute_advantages(self, exp: Experience) -> None:
-        mask = exp.rollout.response_mask
-        exp.advantages, exp.returns = kernels.advantages(
-            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.old_values, mask,
-            kl_coef=self.kl_ctl.beta, kl_estimator=self.config.kl_estimator,
-            gamma=self.config.gamma, lam=self.config.lam, whiten=self.config.whiten_advantages)
+        c = self.config
+        exp.advantages, exp.returns = estimators.estimate(
+            c.advantage_estimator, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.rollout.response_mask,
+            values=exp.old_values, group_size=c.samples_per_prompt,
+            kl_coef=0.0 if c.kl_in_loss else self.kl_ctl.beta, kl_estimator=c.kl_estimator,
+            gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages)
 
     # 5. PPO epochs
     def train_minibatches(self, exp: Experience) -> dict:
@@ -271,18 +329,23 @@ class PPOTrainer:
             # micro-batch losses are token-means; weight by token share so the sum is the minibatch's
             share = mask.sum() / tokens
             head, values = self.actor(r.input_ids[rows], r.attention_mask[rows], mask)
+            kl_term = ({"ref_logprobs": exp.ref_logprobs[rows], "kl_coef": self.kl_ctl.beta,
+                        "kl_estimator": c.kl_estimator} if c.kl_in_loss else {})
             policy_loss, policy_stats = kernels.linear_ppo_loss(
                 head.hidden, head.weight, head.targets, exp.old_logprobs[rows], exp.advantages[rows], mask,
                 bias=head.bias, clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
-                temperature=c.temperature)
-            v_loss, value_stats = kernels.value_loss(values, exp.old_values[rows],
-                                                     exp.returns[rows], mask, clip=c.value_clip)
-            loss = (policy_loss + c.vf_coef * v_loss) * share
+                temperature=c.temperature, **kl_term)
+            terms = {"ppo/policy_loss": policy_loss, **{f"ppo/{k}": v for k, v in policy_stats.items()}}
+            loss = policy_loss
+            if values is not None:
+                v_loss, value_stats = kernels.value_loss(values, exp.old_values[rows], exp.returns[rows], mask,
+                                                         clip=c.value_clip)
+                loss = loss + c.vf_coef * v_loss
+                terms.update({"value/loss": v_loss, **{f"value/{k}": v for k, v in value_stats.items()}})
+            loss = loss * share
             loss.backward()
             minibatch_loss += loss.item()
-            for key, value in {"ppo/policy_loss": policy_loss, "value/loss": v_loss,
-                               **{f"ppo/{k}": v for k, v in policy_stats.items()},
-                               **{f"value/{k}": v for k, v in value_stats.items()}}.items():
+            for key, value in terms.items():
                 stats[key] = stats.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * float(share)
         if c.ptx_coef > 0:
             stats["ppo/ptx_loss"] = self._ptx_backward()
@@ -309,8 +372,8 @@ class PPOTrainer:
             yield slice(first, first + self.config.micro_batch_size)
 
     def step(self) -> dict:
-        rollout, safety_prompt = self.rollout()
-        scores, raw = self.score(rollout, safety_prompt)
+        rollout, rows = self.rollout()
+        scores, raw = self.score(rollout, rows)
         exp = self.make_experience(rollout, scores)
         self.compute_advantages(exp)
         self.actor.train()
@@ -325,6 +388,7 @@ class PPOTrainer:
                 **per_model,
                 "ppo/kl": kl_per_seq.mean().item(), "ppo/kl_coef": beta,
                 "ppo/response_length": rollout.response_lengths.float().mean().item(),
+                "rollout/logprob_diff": logprob_diff(rollout.logprobs, exp.old_logprobs, rollout.response_mask),
                 "perf/tokens": rollout.response_lengths.sum().item(), **stats}
 
     def modules(self) -> dict:
@@ -340,9 +404,11 @@ class PPOTrainer:
 
     def train(self) -> Path:
         c = self.config
-        print(format_ledger(memory_ledger(self.actor.model, [self.actor.value_head],
-                                          generation_batch=c.batch_size, micro_batch=c.micro_batch_size,
-                                          seq_len=c.max_length)))
+        heads = [] if self.actor.value_head is None else [self.actor.value_head]
+        print(format_ledger(memory_ledger(self.actor.model, heads,
+                                          generation_batch=self.engine.kv_cache_rows(c.batch_size),
+                                          micro_batch=c.micro_batch_size, seq_len=c.max_length,
+                                          generation_weights_bytes=self.engine.copy_bytes)))
         logger = run_steps(c, "ppo", lambda iteration: self.step(), num_steps=c.iterations,
                            modules=self.modules(), stepper=self.stepper, device=self.device,
                            stage_state=self.stage_state, load_stage_state=self.load_stage_state,
@@ -352,19 +418,20 @@ class PPOTrainer:
                           modules=self.modules(), stepper=self.stepper, stage_state=self.stage_state)
 
     def save(self, output: Path) -> Path:
-        """<output>/policy: the policy adapter (or model), the value head (and adapter), the tokenizer;
-        written whole or not at all, never with non-finite weights."""
+        """<output>/policy: the policy adapter (or model), the value head (and adapter) if there is a
+        critic, the tokenizer; written whole or not at all, never with non-finite weights."""
         policy_dir = output / "policy"
         check_finite({n: p for n, p in self.actor.named_parameters() if p.requires_grad}, str(policy_dir))
         with atomic_directory(policy_dir) as tmp:
             if self.config.lora_r:
                 self.actor.model.save_pretrained(str(tmp / "adapter"), selected_adapters=["policy"])
-                if self.config.value_mode == "adapter":
+                if self.config.value_mode == "adapter" and not self.config.critic_free:
                     self.actor.model.save_pretrained(str(tmp / "value_adapter"), selected_adapters=[VALUE_ADAPTER])
             else:
                 self.actor.model.save_pretrained(tmp / "model")
             self.tokenizer.save_pretrained(tmp)
-            self.actor.value_head.save(tmp / "value_head.safetensors")
+            if self.actor.value_head is not None:
+                self.actor.value_head.save(tmp / "value_head.safetensors")
         print(f"ppo: policy written to {policy_dir}; peak memory {peak_memory_gb(self.device):.2f} GB")
         return policy_dir
 
