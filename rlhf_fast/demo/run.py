@@ -8,6 +8,7 @@
 then print, on held-out prompts, the oracle score, the reward model's score and the KL to the
 reference for SFT vs PPO, and write metrics, plots and demo_results.json under the output dir.
 """
+import json
 import random
 import time
 from contextlib import nullcontext
@@ -32,8 +33,9 @@ def make_rankings(path: Path, model_dir: Path, num_prompts: int, k: int, rng: ra
 
 
 @torch.no_grad()
-def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bool, seed: int) -> dict:
-    """Oracle score, reward-model score and KL to the reference on held-out prompts."""
+def evaluate(trainer, reward_model, num_prompts: int, samples_per_prompt: int, use_adapter: bool, seed: int) -> dict:
+    """Oracle score, reward-model score and KL to the reference on held-out prompts, of a trainer's
+    policy (or, use_adapter False, of its reference: the SFT model)."""
     tokenizer, actor = trainer.tokenizer, trainer.actor
     rng = random.Random(seed)
     pool = [task.make_prompt(rng, held_out=True)[0] for _ in range(num_prompts)]
@@ -46,7 +48,7 @@ def evaluate(trainer, num_prompts: int, samples_per_prompt: int, use_adapter: bo
         logprobs, _ = actor.logprobs(head, temperature=trainer.config.temperature)
     ref = actor.reference_logprobs(rollout.input_ids, rollout.attention_mask, rollout.response_mask,
                                    temperature=trainer.config.temperature)
-    scores = trainer.reward_model(rollout.input_ids, rollout.attention_mask)
+    scores = reward_model(rollout.input_ids, rollout.attention_mask)
     texts = decode_responses(tokenizer, rollout)
     prompts_per_row = [p for p in pool for _ in range(samples_per_prompt)]
     oracle = [task.oracle_score(p, t) for p, t in zip(prompts_per_row, texts)]
@@ -83,9 +85,34 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
     trainer.train()
     plot = output / "ppo" / "curves.png"
     print(f"PPO curves: {plot}" if plot.exists() else "no plots: install matplotlib (pip install -e .[plot])")
-
     torch.manual_seed(seed + 1)
-    table = {name: evaluate(trainer, 64, 4, use_adapter=name == "ppo", seed=seed + 1) for name in ("sft", "ppo")}
-    return finish(table, start, output / "demo_results.json", "64 held-out prompts, 4 samples each",
-                  [("oracle", "oracle", 10, 3), ("reward_model", "RM score", 10, 3),
-                   ("kl_to_ref", "KL to ref", 11, 3), ("words", "words", 8, 2)], note_key="example")
+    table = {name: evaluate(trainer, trainer.reward_model, 64, 4, use_adapter=name == "ppo", seed=seed + 1)
+             for name in ("sft", "ppo")}
+    table["ppo"].update(training_cost(trainer, output / "ppo"))
+
+    print("== step 4: GRPO with the oracle as a verifiable reward function (no reward model, no critic)")
+    grpo = ppo.PPOTrainer(ppo.GRPOConfig(
+        model=str(sft_dir), prompts=str(prompt_file), reward_functions=["rlhf_fast.demo.task:oracle_reward"],
+        output_dir=str(output / "grpo"), lora_r=16, lora_alpha=32, learning_rate=1e-3, lr_schedule="constant",
+        iterations=40 if quick else 120, batch_size=32, samples_per_prompt=4, mini_batch_size=16,
+        micro_batch_size=16, ppo_epochs=2, max_new_tokens=12, kl_coef=0.04, max_length=48, **common))
+    grpo.train()
+    torch.manual_seed(seed + 1)
+    table["grpo"] = {**evaluate(grpo, trainer.reward_model, 64, 4, use_adapter=True, seed=seed + 1),
+                     **training_cost(grpo, output / "grpo")}
+    finish(table, start, output / "demo_results.json", "64 held-out prompts, 4 samples each (RM score: the "
+           "PPO reward model's; GRPO never saw it)",
+           [("oracle", "oracle", 10, 3), ("reward_model", "RM score", 10, 3),
+            ("kl_to_ref", "KL to ref", 11, 3), ("words", "words", 8, 2)], note_key="example")
+    for name in ("ppo", "grpo"):
+        row = table[name]
+        print(f"{name:<5} {row['s_per_iteration']:.3f} s per iteration, memory estimate "
+              f"{row['memory_estimate_mb']:.1f} MB (trainable, gradients, optimiser state, KV cache, activations)")
+    return table
+
+
+def training_cost(trainer, run_dir: Path) -> dict:
+    """Mean seconds per iteration (from metrics.jsonl) and the memory ledger's estimate (MB)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["perf/step_s"] for r in rows if "perf/step_s" in r]
+    return {"s_per_iteration": sum(steps) / len(steps), "memory_estimate_mb": sum(trainer.ledger.values()) / 2 ** 20}

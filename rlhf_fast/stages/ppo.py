@@ -405,10 +405,10 @@ class PPOTrainer:
     def train(self) -> Path:
         c = self.config
         heads = [] if self.actor.value_head is None else [self.actor.value_head]
-        print(format_ledger(memory_ledger(self.actor.model, heads,
-                                          generation_batch=self.engine.kv_cache_rows(c.batch_size),
-                                          micro_batch=c.micro_batch_size, seq_len=c.max_length,
-                                          generation_weights_bytes=self.engine.copy_bytes)))
+        self.ledger = memory_ledger(self.actor.model, heads, generation_batch=self.engine.kv_cache_rows(c.batch_size),
+                                    micro_batch=c.micro_batch_size, seq_len=c.max_length,
+                                    generation_weights_bytes=self.engine.copy_bytes)
+        print(format_ledger(self.ledger))
         logger = run_steps(c, "ppo", lambda iteration: self.step(), num_steps=c.iterations,
                            modules=self.modules(), stepper=self.stepper, device=self.device,
                            stage_state=self.stage_state, load_stage_state=self.load_stage_state,
