@@ -1,6 +1,7 @@
 """LoRA adapters (peft) on one base model: add, load, merge, switch, and freeze the rest."""
 import contextlib
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,15 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: str):
                       task_type="CAUSAL_LM")
 
 
+@contextlib.contextmanager
+def _peft_deprecation_silenced():
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model,
+    and transformers 5 warns about it on every run; the warning is peft's to fix, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model: nn.Module, name: str, *, r: int, alpha: int, dropout: float = 0.0,
              target_modules: str = "all-linear") -> nn.Module:
     """Wrap `model` in a PeftModel (or add to one) with a fresh, trainable adapter `name`.
@@ -29,7 +39,8 @@ def add_lora(model: nn.Module, name: str, *, r: int, alpha: int, dropout: float 
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
     else:
-        model = get_peft_model(model, config, adapter_name=name)
+        with _peft_deprecation_silenced():
+            model = get_peft_model(model, config, adapter_name=name)
     model.set_adapter(name)
     return model
 
@@ -40,7 +51,8 @@ def load_lora(model: nn.Module, path, name: str, *, trainable: bool = False) -> 
     if not (Path(path) / "adapter_config.json").is_file():
         raise ModelDirError(f"{path}: not a saved LoRA adapter (no adapter_config.json)")
     if not isinstance(model, PeftModel):
-        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+        with _peft_deprecation_silenced():
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
     else:
         active, flags = model.active_adapter, {n: p.requires_grad for n, p in model.named_parameters()}
         model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
