@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from transformers.utils import logging as hf_logging
+
 from rlhf_fast.config import help_text, load_config, markdown_table, parse_overrides
 from rlhf_fast.errors import UserError
 
@@ -68,6 +70,8 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"rlhf-fast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
+    if not sys.stderr.isatty():  # a log file gets plain lines, not progress-bar frames
+        hf_logging.disable_progress_bar()
     module_name, class_name, _ = COMMANDS[command]
     module = importlib.import_module(module_name)
     prog = f"rlhf-fast {command}"

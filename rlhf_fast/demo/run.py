@@ -84,7 +84,7 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
         ppo_epochs=4, max_new_tokens=12, kl_coef=0.2, lam=1.0, max_length=48, **common))
     trainer.train()
     plot = output / "ppo" / "curves.png"
-    print(f"PPO curves: {plot}" if plot.exists() else "no plots: install matplotlib (pip install -e .[plot])")
+    print(f"PPO curves: {plot}" if plot.exists() else "no plots: install matplotlib (bash scripts/install.sh --extras plot)")
     torch.manual_seed(seed + 1)
     table = {name: evaluate(trainer, trainer.reward_model, 64, 4, use_adapter=name == "ppo", seed=seed + 1)
              for name in ("sft", "ppo")}

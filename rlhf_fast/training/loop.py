@@ -1,5 +1,6 @@
 """The one step loop every training stage runs: resume, step, log, watch, checkpoint, final save."""
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,20 @@ class CollapseWatch:
                   "logged steps in a row (a dead model learns nothing more; lower learning_rate?)")
 
 
+def progress(steps, name: str, start: int, total: int):
+    """tqdm's bar on a terminal; in a log file (stdout not a terminal) a plain line every tenth of
+    the run instead of carriage-return frames."""
+    if sys.stderr.isatty():
+        yield from tqdm(steps, desc=name, initial=start, total=total)
+        return
+    every = max(1, total // 10)
+    begin = time.perf_counter()
+    for done, step in enumerate(steps, start=1):
+        yield step
+        if (step + 1) % every == 0 or step + 1 == total:
+            print(f"{name}: step {step + 1}/{total}, {(time.perf_counter() - begin) / done:.2f} s/step", flush=True)
+
+
 def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, stepper, device,
               stage_state=None, load_stage_state=None, vocab_size: int | None = None) -> MetricsLogger:
     """Run step_fn(step) -> metrics for steps [start, num_steps) and return the MetricsLogger.
@@ -59,7 +74,7 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, step
                 load_stage_state(saved)
     logger = MetricsLogger(output, resumed_at=start)
     watch = CollapseWatch(config.collapse_steps, vocab_size)
-    for step in tqdm(range(start, num_steps), desc=name, initial=start, total=num_steps):
+    for step in progress(range(start, num_steps), name, start, num_steps):
         begin = time.perf_counter()
         metrics = step_fn(step)
         elapsed = time.perf_counter() - begin
