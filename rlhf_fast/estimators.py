@@ -53,24 +53,25 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
 def estimate(estimator: str, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
              mask: torch.Tensor, *, values: torch.Tensor | None = None, group_size: int = 1,
              kl_coef: float = 0.0, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-             whiten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             whiten: bool = True, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), fp32 [B, T] and 0 off the response mask, for one rollout batch.
 
     scores [B]: the reward per sequence (before any KL); logprobs, ref_logprobs, mask [B, T] in
     the target frame; values [B, T] for "gae" only. kl_coef > 0 puts the KL in the reward (per token
     for gae and reinforce_pp, summed over the sequence for the group baselines); a stage that adds
     the KL as a loss term passes kl_coef 0. Returns are the value targets (gae) and equal the
-    advantages for the critic-free estimators, which train no value function.
+    advantages for the critic-free estimators, which train no value function. backend: the
+    kernels' (kernels.advantages) for gae and reinforce_pp.
     """
     if estimator == "gae":
         if values is None:
             raise ValueError("gae needs the value function's values")
         return kernels.advantages(scores, logprobs, ref_logprobs, values, mask, kl_coef=kl_coef,
-                                  kl_estimator=kl_estimator, gamma=gamma, lam=lam, whiten=whiten)
+                                  kl_estimator=kl_estimator, gamma=gamma, lam=lam, whiten=whiten, backend=backend)
     if estimator == "reinforce_pp":
         advantages, _ = kernels.advantages(scores, logprobs, ref_logprobs, torch.zeros_like(logprobs, dtype=torch.float32),
                                            mask, kl_coef=kl_coef, kl_estimator=kl_estimator, gamma=gamma,
-                                           lam=1.0, whiten=True)
+                                           lam=1.0, whiten=True, backend=backend)
         return advantages, advantages
     rewards = scores.float()
     if kl_coef:

@@ -19,7 +19,7 @@ import torch
 from rlhf_fast.demo import safety, task
 from rlhf_fast.data import write_jsonl
 from rlhf_fast.demo.report import finish
-from rlhf_fast.demo.steps import begin_demo, sample_candidates, sft_on_demonstrations, write_rankings
+from rlhf_fast.demo.steps import PINNED, begin_demo, sample_candidates, sft_on_demonstrations, write_rankings
 from rlhf_fast.stages import rm, rounds
 
 
@@ -75,7 +75,7 @@ def run_llama2_demo(output: Path, seed: int, rs_rounds: int = 2) -> dict:
                "learning_rate": 1e-3, "batch_size": 32, "micro_batch_size": 32, "epochs": 2, "log_every": 10}
     ppo_keys = {"lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3, "lr_schedule": "constant",
                 "iterations": 80, "batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16,
-                "ppo_epochs": 4, "max_new_tokens": 12, "kl_coef": 0.2, "lam": 1.0, "max_length": 48,
+                "ppo_epochs": 4, "max_new_tokens": 12, "kl_coef": 0.2, "lam": 1.0, "max_length": 48, **PINNED,
                 "log_every": 10}
     rounds_dir = output / "rounds"
     rounds.run(rounds.RoundsConfig(

@@ -19,8 +19,8 @@ import torch
 from rlhf_fast.data import encode_prompt, write_jsonl
 from rlhf_fast.demo import task
 from rlhf_fast.demo.report import finish
-from rlhf_fast.demo.steps import (begin_demo, decode_responses, sample_candidates, sft_on_demonstrations,
-                                  write_rankings)
+from rlhf_fast.demo.steps import (PINNED, begin_demo, decode_responses, sample_candidates,
+                                  sft_on_demonstrations, write_rankings)
 from rlhf_fast.models.adapters import adapters_disabled
 from rlhf_fast.rollout import sample
 from rlhf_fast.stages import ppo, rm
@@ -81,7 +81,7 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
         model=str(sft_dir), reward_model=str(reward_dir), prompts=str(prompt_file),
         output_dir=str(output / "ppo"), lora_r=16, lora_alpha=32, learning_rate=1e-3, lr_schedule="constant",
         iterations=40 if quick else 120, batch_size=32, mini_batch_size=16, micro_batch_size=16,
-        ppo_epochs=4, max_new_tokens=12, kl_coef=0.2, lam=1.0, max_length=48, **common))
+        ppo_epochs=4, max_new_tokens=12, kl_coef=0.2, lam=1.0, max_length=48, **PINNED, **common))
     trainer.train()
     plot = output / "ppo" / "curves.png"
     print(f"PPO curves: {plot}" if plot.exists() else "no plots: install matplotlib (bash scripts/install.sh --extras plot)")
@@ -95,7 +95,7 @@ def run_demo(output: Path, seed: int, quick: bool = False) -> dict:
         model=str(sft_dir), prompts=str(prompt_file), reward_functions=["rlhf_fast.demo.task:oracle_reward"],
         output_dir=str(output / "grpo"), lora_r=16, lora_alpha=32, learning_rate=1e-3, lr_schedule="constant",
         iterations=40 if quick else 120, batch_size=32, samples_per_prompt=4, mini_batch_size=16,
-        micro_batch_size=16, ppo_epochs=2, max_new_tokens=12, kl_coef=0.04, max_length=48, **common))
+        micro_batch_size=16, ppo_epochs=2, max_new_tokens=12, kl_coef=0.04, max_length=48, **PINNED, **common))
     grpo.train()
     torch.manual_seed(seed + 1)
     table["grpo"] = {**evaluate(grpo, trainer.reward_model, 64, 4, use_adapter=True, seed=seed + 1),

@@ -21,6 +21,11 @@ def begin_demo(output: Path, corpus: list[str], seed: int) -> tuple[random.Rando
     return random.Random(seed), base, {"seed": seed, "device": "auto", "log_every": 10}
 
 
+# the PPO-family keys that make the demo print the same figures whether or not the optional native
+# CPU ops are built (their GAE rounds differently from the torch path's in the last bits)
+PINNED = {"advantage_backend": "torch"}
+
+
 def sft_on_demonstrations(output: Path, base: Path, demonstrate, n: int, rng: random.Random, common: dict) -> Path:
     """SFT (full fine-tuning) on n demonstrations `demonstrate(topic, rng)` of fresh prompts."""
     records = []

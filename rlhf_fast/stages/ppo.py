@@ -71,6 +71,10 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     target_kl: float = option(0.0, "adaptive KL controller's target (0 = fixed beta)", min=0.0)
     kl_horizon: int = option(10000, "adaptive KL controller's horizon (samples)", min=1)
     whiten_advantages: bool = option(True, "whiten advantages over the batch's response tokens")
+    advantage_backend: str = option("auto", "kernels backend of GAE / whitening: 'auto' (Triton on CUDA, the "
+                                            "native op on CPU when built, else torch), or one of them; pin it "
+                                            "to make runs match across builds (their floats differ in the last bits)",
+                                    choices=("auto", "triton", "torch", "native", "reference"))
     normalize_scores: bool = option(False, "standardise scores by running mean/std")
     score_clip: float = option(0.0, "clip scores to +-score_clip after normalisation (0 = off)", min=0.0)
     missing_eos_penalty: float = option(0.0, "subtracted from the score of responses without EOS")
@@ -300,7 +304,7 @@ class PPOTrainer:
             c.advantage_estimator, exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.rollout.response_mask,
             values=exp.old_values, group_size=c.samples_per_prompt,
             kl_coef=0.0 if c.kl_in_loss else self.kl_ctl.beta, kl_estimator=c.kl_estimator,
-            gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages)
+            gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages, backend=c.advantage_backend)
 
     # 5. PPO epochs
     def train_minibatches(self, exp: Experience) -> dict:
