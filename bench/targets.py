@@ -14,9 +14,9 @@ Targets (DESIGN.md "Speed and memory targets"):
   measured copy bandwidth and 500x+ TRL's Python loop (bench/gae.py); PPO end to end (bench/ppo_step.py).
   CPU, N=4096 D=512 V=32000 -- token_logprobs peak RSS under 20% of eager's and no slower; PPO <= 0.5x TRL.
 
-bench/ppo_step.py's rows are read as: mode "iteration" or "rollout", provider "ours" or "TRL", the
-shape label naming the model shape ("Llama-3.2-1B", "Llama-3.1-8B", "tiny" on the CPU), median_ms and
-peak_mb per row.
+bench/ppo_step.py's rows are read as: mode "iteration" or "rollout", provider "rlhf_fast ppo" or
+"trl PPOTrainer 0.29.1" (PPO_OURS, PPO_TRL), the shape label naming the model shape ("Llama-3.2-1B",
+"Llama-3.1-8B", "tiny" on the CPU), median_ms and peak_mb per row.
 """
 import argparse
 import json
@@ -235,16 +235,21 @@ def gae_targets(results):
     return verdicts
 
 
+# bench/ppo_step.py's provider names (the TRL release DESIGN.md's PPO targets name)
+PPO_OURS, PPO_TRL = "rlhf_fast ppo", "trl PPOTrainer 0.29.1"
+
+
 def ppo_targets(results):
     one_b, eight_b = "~Llama-3.2-1B", "~Llama-3.1-8B"
-    ours, trl = ("ppo_step", "iteration", "ours", one_b), ("ppo_step", "iteration", "TRL", one_b)
+    ours, trl = ("ppo_step", "iteration", PPO_OURS, one_b), ("ppo_step", "iteration", PPO_TRL, one_b)
     verdicts = [
         limit_target(results, "PPO iteration at Llama-3.2-1B in <= 1.5 s", ours, "median_ms", 1500, "ms"),
         ratio_target(results, "PPO iteration >= 4x TRL's PPOTrainer", trl, ours, 4, at_most=False),
         ratio_target(results, "PPO peak memory <= 0.3x TRL's", ours, trl, 0.3, what="MB", field="peak_mb"),
-        limit_target(results, "PPO rollout <= 0.6 s", ("ppo_step", "rollout", "ours", one_b), "median_ms", 600, "ms"),
+        limit_target(results, "PPO rollout <= 0.6 s", ("ppo_step", "rollout", PPO_OURS, one_b), "median_ms", 600,
+                     "ms"),
         limit_target(results, "PPO at Llama-3.1-8B with LoRA within 22 GiB",
-                     ("ppo_step", "iteration", "ours", eight_b), "peak_mb", 22 * MB_PER_GIB, "MB"),
+                     ("ppo_step", "iteration", PPO_OURS, eight_b), "peak_mb", 22 * MB_PER_GIB, "MB"),
     ]
     return verdicts
 
@@ -269,8 +274,8 @@ def cpu_targets(results):
                                      ours, eager, 0.2, what="MB", field="peak_mb", strict=True, percent=True))
         verdicts.append(ratio_target(results, f"token_logprobs {mode} no slower than eager (CPU)", ours, eager, 1.0))
     verdicts.append(ratio_target(results, "PPO at the tiny shape <= 0.5x TRL's time (CPU)",
-                                 ("ppo_step", "iteration", "ours", "~tiny"), ("ppo_step", "iteration", "TRL", "~tiny"),
-                                 0.5))
+                                 ("ppo_step", "iteration", PPO_OURS, "~tiny"),
+                                 ("ppo_step", "iteration", PPO_TRL, "~tiny"), 0.5))
     return verdicts
 
 
