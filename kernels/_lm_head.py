@@ -1,4 +1,5 @@
-"""What the fused LM-head ops (token_logprobs, token_kl) share: input checks, row chunks, row-kernel pieces.
+"""What the fused LM-head ops (token_logprobs, token_kl, the three-GEMM losses of _fused_loss.py) share:
+input checks, row chunks, row-kernel pieces.
 
 These ops never hold the full (N, V) logits: they walk the rows in chunks whose logits fit a byte
 budget, so the extra memory is O(chunk x V) whatever N is. Each chunk's logits come from one cuBLAS
@@ -13,11 +14,23 @@ from ._dispatch import check_shapes, triton_available
 # fp32 on the 2-core AMD EPYC dev box: M=131 (16 MiB) ran at ~20 GFLOP/s, M=262 at ~33, M=524 at ~43,
 # M=1024-2048 at ~45. 64 MiB is where the curve flattens; the backward's two live chunk buffers
 # (128 MiB) stay a small part of eager's peak at N=4096 (see bench/results/logprobs-cpu.json).
+# The three-GEMM losses (kernels/_fused_loss.py) agree: linear_nll_loss fwd+bwd, N=2048, D=512,
+# V=32000 fp32, one thread, median of 5 interleaved runs on the loaded dev box (load ~2.4):
+# 16 MiB 3930 ms, 32 MiB 3725, 64 MiB 3606, 128 MiB 3767, 256 MiB 4012 (eager 4742).
 CPU_CHUNK_BYTES = 64 * 2**20
 # CUDA: 128 MiB of logits per chunk (512 rows at V=128256 bf16): each chunk's GEMM is then
 # M=512 x N=V x K=D, large enough for cuBLAS to fill an H100, while the buffer stays ~1% of
 # eager's >10 GB at N=8192. Not yet measured: issue 7 times 32/64/128/256 MiB on H100.
 CUDA_CHUNK_BYTES = 128 * 2**20
+# CUDA, when a chunk also adds its d weight into the fp32 (V, D) buffer: that addmm reads and writes
+# the whole buffer once per chunk (8 V D bytes: 4.2 GB at V=128256, D=4096) whatever the chunk's M
+# rows, against 2 M V D flops, so M must be large for the GEMM to stay compute-bound (M=512: 0.9-1.3
+# ms of traffic at H200-H100 bandwidth against ~0.8 ms of flops at the 667 TFLOP/s the H200 floor
+# measured; M=2048: the same traffic against ~3.2 ms). The
+# budget is then this many times CUDA_CHUNK_BYTES (2048 rows at V=128256 bf16, 512 MiB, a quarter
+# of the fp32 d weight held anyway). Reasoned, not measured: the GPU run sweeps 1, 2, 4, 8
+# (bench/linear_ppo.py --chunk-mib).
+CUDA_WEIGHT_GRAD_CHUNK_FACTOR = 4
 # Widest vocab block a row program loads at once; V is walked in blocks of min(next_pow2(V), this).
 # 4096 fp32 values = 16 KiB of registers over 8 warps. Not yet measured: issue 7 tunes it on H100.
 MAX_BLOCK_V = 4096
@@ -60,24 +73,29 @@ def check_targets(op, targets, vocab, ignore_index):
                          f"got values in [{counted.min().item()}, {counted.max().item()}]")
 
 
-def rows_per_chunk(n_rows, vocab, device, element_bytes=4):
-    """How many rows of (rows, V) logits fit the device's chunk budget (at least 1, at most N)."""
-    budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+def rows_per_chunk(n_rows, vocab, device, element_bytes=4, weight_grad=False):
+    """How many rows of (rows, V) logits fit the device's chunk budget (at least 1, at most N);
+    weight_grad: each chunk also adds its d weight into an fp32 buffer (a larger budget on CUDA)."""
+    if device.type == "cuda":
+        budget = CUDA_CHUNK_BYTES * (CUDA_WEIGHT_GRAD_CHUNK_FACTOR if weight_grad else 1)
+    else:
+        budget = CPU_CHUNK_BYTES
     return max(1, min(n_rows, budget // (vocab * element_bytes)))
 
 
-def chunk_plan(n_rows, weight, bias, backend, n_buffers=1):
+def chunk_plan(n_rows, weight, bias, backend, n_buffers=1, weight_grad=False):
     """What a loop over the row chunks of an LM head needs on `backend`: (w, b, chunks, buffers).
 
     w: weight (V, D) as the chunk GEMMs take it, GEMM_DTYPE[backend]; b: bias (V,) in fp32, or
-    None; chunks: (start, end) row ranges covering [0, n_rows) within the device's chunk budget;
-    buffers: n_buffers (chunk rows, V) logits buffers of w's dtype, reused by every chunk.
+    None; chunks: (start, end) row ranges covering [0, n_rows) within the device's chunk budget
+    (rows_per_chunk; weight_grad: the loop accumulates d weight); buffers: n_buffers (chunk rows,
+    V) logits buffers of w's dtype, reused by every chunk.
     """
     gemm_dtype = GEMM_DTYPE[backend]
     w = weight if gemm_dtype is None else weight.to(gemm_dtype)
     b = None if bias is None else bias.float()
     vocab = weight.shape[0]
-    size = rows_per_chunk(n_rows, vocab, weight.device, w.element_size())
+    size = rows_per_chunk(n_rows, vocab, weight.device, w.element_size(), weight_grad)
     buffers = [torch.empty(size, vocab, device=weight.device, dtype=w.dtype) for _ in range(n_buffers)]
     starts = range(0, n_rows, size)
     return w, b, [(start, min(start + size, n_rows)) for start in starts], buffers

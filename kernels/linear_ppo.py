@@ -1,9 +1,12 @@
-"""PPO loss straight from hidden states and the LM head: the fused head plus O(N) elementwise math.
+"""PPO loss straight from hidden states and the LM head, in three GEMMs: the gradient made in the forward.
 
-token_logprobs (the fused, chunked LM head) gives each response token's log-prob and entropy;
-the clipped surrogate, the KL penalty and the entropy bonus are elementwise on those, and autograd
-hands their gradients (w.r.t. log-prob and entropy) to the head's fused backward. The (N, V)
-logits are never held: memory is the head's O(chunk x V) plus a few (N,) fp32 vectors.
+The loss is a token-mean over the mask of [clipped surrogate(lp) + kl_coef x KL(lp, ref) - entropy_coef x H]
+whose derivatives d loss / d lp and d loss / d H are elementwise functions of each token's lp and
+its own inputs (old log-prob, advantage, reference log-prob), known as soon as lp is: PPORule hands
+them to the shared loss head (kernels/_fused_loss.py), which writes d hidden and d weight while each
+chunk's logits are in hand, so the backward is a scaling (three GEMMs in all, against token_logprobs'
+four). The (N, V) logits are never held: memory is a chunk buffer, the gradients and a few (N,)
+fp32 vectors.
 
 Conventions (shared with kernels/reference.py, the fp64 spec):
   - `mask` marks response tokens (nonzero = counted), contiguous per row, any left or right offset;
@@ -15,12 +18,58 @@ import torch
 from . import reference
 from ._dispatch import resolve_backend
 from ._kl_math import check_estimator
-from ._lm_head import flatten_head_inputs
+from ._fused_loss import linear_loss
+from ._kl_math import kl_estimate_grad
+from ._lm_head import check_targets, flatten_head_inputs
 from .kl_penalty import kl_penalty
-from .ppo_loss import ppo_policy_loss
-from .token_logprobs import token_logprobs
+from .ppo_loss import check_clip, clipped_surrogate, ppo_policy_loss
 
 IGNORE_INDEX = -100
+
+
+class PPORule:
+    """linear_ppo_loss's per-token gradient and value, on the flattened (N,) tokens (fp32).
+
+    d loss / d lp = (d surrogate / d lp + kl_coef x d KL / d lp) / count on the mask, with
+    d surrogate / d lp = -A r where the clip is not active (0 where it is) and d KL / d lp the
+    estimator's (kernels._kl_math); d loss / d H = -entropy_coef / count, and no entropy term at all
+    when entropy_coef is 0 (H is then a statistic only).
+    """
+
+    want_entropy = True  # stats["entropy"] is always reported
+
+    def __init__(self, old_logprobs, advantages, on, ref_logprobs, *, clip_low, clip_high, kl_coef,
+                 kl_estimator, entropy_coef, backend):
+        self.old, self.on, self.ref = old_logprobs.float(), on, ref_logprobs
+        self.adv = advantages.float().masked_fill(~on, 0.0)
+        self.count = on.sum()
+        self.clip = dict(clip_low=clip_low, clip_high=clip_high)
+        self.kl_coef, self.kl_estimator, self.entropy_coef = kl_coef, kl_estimator, entropy_coef
+        self.backend, self.stats = backend, None
+        self.token_weight = on.float() / self.count  # the token-mean, once for every chunk
+
+    def grad(self, rows, logprobs, entropy):
+        on, weight = self.on[rows], self.token_weight[rows]
+        log_ratio = (logprobs - self.old[rows]).masked_fill_(~on, 0.0)
+        _, grad, _, _ = clipped_surrogate(log_ratio, self.adv[rows], dual_clip=None, **self.clip)
+        if self.ref is not None and self.kl_coef:
+            ref_ratio = (logprobs - self.ref[rows].float()).masked_fill_(~on, 0.0)
+            grad += self.kl_coef * kl_estimate_grad(ref_ratio, self.kl_estimator)
+        grad_entropy = -self.entropy_coef * weight if self.entropy_coef else None
+        return grad.mul_(weight), grad_entropy
+
+    def value(self, logprobs, entropy):
+        """The loss of all tokens, from the pieces' own forward code; keeps the stats."""
+        loss, stats = ppo_policy_loss(logprobs, self.old, self.adv, self.on, backend=self.backend, **self.clip)
+        mean_entropy = torch.where(self.on, entropy, 0.0).sum() / self.count
+        loss = loss - self.entropy_coef * mean_entropy
+        stats["entropy"] = mean_entropy
+        if self.ref is not None:
+            kl = torch.where(self.on, kl_penalty(logprobs, self.ref, self.kl_estimator), 0.0).sum() / self.count
+            loss = loss + self.kl_coef * kl
+            stats["kl"] = kl
+        self.stats = {name: value.detach().float() for name, value in stats.items()}
+        return loss
 
 
 def _reference_loss(hidden, weight, targets, old_logprobs, advantages, mask, **kwargs):
@@ -39,34 +88,30 @@ def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, 
     ppo_policy_loss's (token-mean); KL is kl_penalty(lp, ref_logprobs, kl_estimator), only with
     ref_logprobs. backend: "triton" | "torch" | "reference" | "auto" (the head's and the surrogate's).
     Returns (loss fp32 scalar, stats): clipfrac, approx_kl, ratio_mean, ratio_max, entropy, and kl
-    (with ref_logprobs); detached fp32 scalars. Gradients to hidden, weight and bias.
-    Never holds the (N, V) logits.
+    (with ref_logprobs); detached fp32 scalars. Gradients to hidden, weight and bias (those that
+    require grad), made in the forward (three GEMMs; the backward scales them); none is made when
+    nothing requires grad. Never holds the (N, V) logits; d weight is accumulated in fp32.
     """
     backend = resolve_backend(backend, hidden, "linear_ppo_loss")
     check_estimator(kl_estimator)
-    flatten_head_inputs("linear_ppo_loss", hidden, weight, bias, targets=targets, old_logprobs=old_logprobs,
-                        advantages=advantages, mask=mask, ref_logprobs=ref_logprobs)
+    check_clip(clip_low, clip_high, None)
+    if temperature <= 0:
+        raise ValueError(f"linear_ppo_loss: temperature must be > 0, got {temperature}")
+    hidden2, rows, _ = flatten_head_inputs("linear_ppo_loss", hidden, weight, bias, targets=targets,
+                                           old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                                           ref_logprobs=ref_logprobs)
     if backend == "reference":
         return _reference_loss(hidden, weight, targets, old_logprobs, advantages, mask,
                                ref_logprobs=ref_logprobs, bias=bias, clip_low=clip_low, clip_high=clip_high,
                                kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                                temperature=temperature)
-
-    on = mask != 0
-    logprobs, entropy = token_logprobs(hidden, weight, targets.masked_fill(~on, IGNORE_INDEX), bias=bias,
-                                       temperature=temperature, return_entropy=True, backend=backend)
-    loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
-                                  clip_high=clip_high, backend=backend)
-    count = on.sum()
-    # without a bonus the entropy is a statistic only: no gradient asked of the head for it
-    mean_entropy = torch.where(on, entropy if entropy_coef else entropy.detach(), 0.0).sum() / count
-    if entropy_coef:
-        loss = loss - entropy_coef * mean_entropy
-    stats["entropy"] = mean_entropy.detach()
-    if ref_logprobs is not None:
-        lp = logprobs if kl_coef else logprobs.detach()
-        kl = torch.where(on, kl_penalty(lp, ref_logprobs.detach(), kl_estimator), 0.0).sum() / count
-        if kl_coef:
-            loss = loss + kl_coef * kl
-        stats["kl"] = kl.detach()
-    return loss, stats
+    on = rows["mask"] != 0
+    targets1 = rows["targets"].masked_fill(~on, IGNORE_INDEX).contiguous()
+    check_targets("linear_ppo_loss", targets1, weight.shape[0], IGNORE_INDEX)
+    ref = rows["ref_logprobs"]
+    rule = PPORule(rows["old_logprobs"].detach(), rows["advantages"].detach(), on,
+                   None if ref is None else ref.detach().float(), clip_low=clip_low, clip_high=clip_high,
+                   kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, backend=backend)
+    loss, _, _ = linear_loss(hidden2, weight, bias, targets1, rule, temperature=temperature,
+                             ignore_index=IGNORE_INDEX, backend=backend)
+    return loss, rule.stats

@@ -309,7 +309,7 @@ class PPOPolicyLossTorch(torch.autograd.Function):
         return (grad_logprobs * grad_loss).to(ctx.dtype), None, None, None, None, None, None, None
 
 
-def _check_clip(clip_low, clip_high, dual_clip):
+def check_clip(clip_low, clip_high, dual_clip):
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ValueError(f"ppo_policy_loss: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1:
@@ -336,7 +336,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, c
     torch paths never sync the host (no .item()); the triton path is bitwise deterministic.
     """
     backend = resolve_backend(backend, logprobs, "ppo_policy_loss")
-    _check_clip(clip_low, clip_high, dual_clip)
+    check_clip(clip_low, clip_high, dual_clip)
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"ppo_policy_loss: unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
     if logprobs.dim() == 0:

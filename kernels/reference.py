@@ -188,3 +188,15 @@ def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, 
         loss = loss + kl_coef * kl
         stats["kl"] = kl
     return loss, stats
+
+
+def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", temperature=1.0):
+    """(-sum | -mean over counted tokens | -per token) of log softmax(logits / T)[target], and the log-probs."""
+    logprobs, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                 ignore_index=ignore_index)
+    if reduction == "none":
+        return -logprobs, logprobs
+    total = -logprobs.sum()
+    if reduction == "sum":
+        return total, logprobs
+    return total / (targets != ignore_index).sum(), logprobs

@@ -104,7 +104,7 @@ if triton_available():
             tl.store(z_row_ptr + offs, (grad / temperature).to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
+def chunk_stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
     """z (M, V) raw logits of a chunk, any float dtype -> (logprobs, lse, entropy | None), fp32 (M,)."""
     check_chunk("token_logprobs", z, rows=targets)
     rows, vocab = z.shape
@@ -121,7 +121,7 @@ def _stats_triton(z, bias, targets, temperature, want_entropy, ignore_index):
     return logprobs, lse, entropy if want_entropy else None
 
 
-def _grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
+def chunk_grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
     """Overwrite the chunk's raw logits z (M, V) with d loss / d z and return it."""
     check_chunk("token_logprobs", z, rows=targets)
     rows, vocab = z.shape
@@ -137,8 +137,8 @@ def _grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature,
     return z
 
 
-def _stats_torch(z, bias, targets, temperature, want_entropy, ignore_index):
-    """Same contract as _stats_triton, in fp32 torch ops on the chunk (z is fp32 and is clobbered).
+def chunk_stats_torch(z, bias, targets, temperature, want_entropy, ignore_index):
+    """Same contract as chunk_stats_triton, in fp32 torch ops on the chunk (z is fp32 and is clobbered).
 
     log_softmax is one fused pass on CPU, where logsumexp + subtract is four.
     """
@@ -154,8 +154,8 @@ def _stats_torch(z, bias, targets, temperature, want_entropy, ignore_index):
     return logprobs, lse, entropy
 
 
-def _grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
-    """Same contract as _grad_triton, in fp32 torch ops: at most two (M, V) buffers.
+def chunk_grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
+    """Same contract as chunk_grad_triton, in fp32 torch ops: at most two (M, V) buffers.
 
     Recomputes p with one fused softmax (lse is not needed on this path).
     """
@@ -176,7 +176,7 @@ def _grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, 
 
 
 # backend -> (chunk stats, chunk gradient)
-_CHUNK_MATH = {"torch": (_stats_torch, _grad_torch), "triton": (_stats_triton, _grad_triton)}
+_CHUNK_MATH = {"torch": (chunk_stats_torch, chunk_grad_torch), "triton": (chunk_stats_triton, chunk_grad_triton)}
 
 
 def add_weight_grad_(grad_weight, grad_z, h):
@@ -230,7 +230,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         temperature, want_entropy, ignore_index, backend = ctx.config
         _, grad_fn = _CHUNK_MATH[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w, b, row_chunks, (buffer,) = chunk_plan(hidden.shape[0], weight, bias, backend)
+        w, b, row_chunks, (buffer,) = chunk_plan(hidden.shape[0], weight, bias, backend, weight_grad=need_w)
         g_lp = (torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float()).contiguous()
         g_ent = None
         if want_entropy and grad_entropy is not None:

@@ -55,3 +55,49 @@ def response_mask(B, T, holes=False):
         if holes and end - start > 2:
             mask[row, (start + end) // 2] = False
     return mask
+
+
+class GemmCounter:
+    """Context manager counting the matrix products (aten mm, addmm, matmul, any overload) that run
+    inside it, on every device, forward or backward: `with GemmCounter() as c: ...; c.count`.
+    Batched products (bmm: e.g. the row-wise dots of an einsum) are not GEMMs of the LM head."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        gemms = {aten.mm, aten.addmm, aten.addmm_, aten.matmul}
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket in gemms:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count = 0
+        self._mode = Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def spy_kernel_launches(monkeypatch, module, name, record: list):
+    """Replace module.name, a Triton kernel, by one that appends each launch's keyword (meta-)
+    parameters to `record` before launching the real kernel."""
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def call(*args, **meta):
+                record.append(dict(meta, kernel=name))
+                return launch(*args, **meta)
+            return call
+
+    monkeypatch.setattr(module, name, Spy())

@@ -1,10 +1,11 @@
 """linear_ppo_loss against the composition of fp64 reference pieces: loss, stats, d hidden, d weight."""
 import collections
+import importlib
 
 import pytest
 import torch
 
-from helpers import assert_rel_close, device_for, relative_error, response_mask
+from helpers import assert_rel_close, device_for, relative_error, response_mask, spy_kernel_launches
 from rlhf_fast.kernels import linear_ppo_loss, reference
 
 D, V = 16, 50
@@ -196,6 +197,33 @@ def test_linear_ppo_loss_tracks_reference_over_sgd_steps():
                       inputs["weight"].double())
     assert_rel_close(fused, spec, 1e-5, "losses along the SGD run")
     assert spec[-1] < spec[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("config", ["surrogate-only", "kl-entropy"])
+def test_entropy_gradient_only_with_an_entropy_bonus(backend, config, monkeypatch):
+    """verl #2608 (entropy computed when not asked for): without an entropy bonus the entropy is a
+    statistic only, so the loss's gradient rule has no entropy term and the gradient kernel runs with
+    HAS_GRAD_ENTROPY off; with a bonus, on. The entropy statistic is reported either way."""
+    linear_ppo = importlib.import_module("rlhf_fast.kernels.linear_ppo")
+    token_logprobs_module = importlib.import_module("rlhf_fast.kernels.token_logprobs")
+    launches, entropy_terms = [], []
+    if backend == "triton":
+        spy_kernel_launches(monkeypatch, token_logprobs_module, "_token_logprobs_bwd_kernel", launches)
+    real_grad = linear_ppo.PPORule.grad
+
+    def grad(rule, rows, logprobs, entropy):
+        g_lp, g_ent = real_grad(rule, rows, logprobs, entropy)
+        entropy_terms.append(g_ent is not None)
+        return g_lp, g_ent
+
+    monkeypatch.setattr(linear_ppo.PPORule, "grad", grad)
+    _, stats, *_ = run_ours(backend, *problem(LAYOUTS["flat"], torch.float32, **CONFIGS[config]))
+    bonus = bool(CONFIGS[config].get("entropy_coef"))
+    assert entropy_terms and all(term == bonus for term in entropy_terms)
+    assert backend == "torch" or launches
+    assert all(launch["HAS_GRAD_ENTROPY"] == bonus for launch in launches)
+    assert stats["entropy"] > 0
 
 
 def test_linear_ppo_loss_rejects_mismatched_shapes():
