@@ -114,16 +114,17 @@ run_step pytest 150 "$py" -m pytest -q -p no:cacheprovider --durations=10 --juni
 
 # 2. the benches at their GPU shapes, the ones DESIGN.md's targets read first; token_logprobs at the
 #    target shape, with and without entropy (writes its results after every mode)
-run_step bench.logprobs 120 "$py" -m bench.logprobs --device cuda --quick --entropy
-run_step bench.linear_ppo 70 "$py" -m bench.linear_ppo
-run_step bench.gae 60 "$py" -m bench.gae
-run_step bench.ppo_loss 35 "$py" -m bench.ppo_loss
+# the end-to-end PPO bench first: it holds issue 12's targets; 2 steady iterations + 1 warm-up fit ~150 s
 if [ -f bench/ppo_step.py ]; then
-  run_step bench.ppo_step 60 "$py" -m bench.ppo_step
+  run_step bench.ppo_step 150 "$py" -m bench.ppo_step --iterations 2 --warmup 1
 else
   record bench.ppo_step skipped "" "bench/ppo_step.py is absent"
   echo "-- bench.ppo_step: skipped (bench/ppo_step.py is absent)"
 fi
+run_step bench.logprobs 100 "$py" -m bench.logprobs --device cuda --quick --entropy
+run_step bench.linear_ppo 60 "$py" -m bench.linear_ppo
+run_step bench.gae 40 "$py" -m bench.gae
+run_step bench.ppo_loss 25 "$py" -m bench.ppo_loss
 
 # 3. every kernel against its fp64 reference, one line each (the smoke test a user runs; the suite
 #    above covers it, so it goes last)
