@@ -188,10 +188,13 @@ def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_inde
     """
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, weight, bias))
-    if not any(needs):
-        logprobs, entropy, _ = forward_with_gradient(hidden, weight, bias, targets, rule, temperature,
-                                                     ignore_index, backend, needs)
-        return rule.value(logprobs, entropy), logprobs, entropy
-    loss, logprobs, entropy = LinearLossFunction.apply(hidden, weight, bias, targets, rule, float(temperature),
-                                                       int(ignore_index), backend, needs)
+    # the kernels choose every GEMM's precision: an enclosing autocast (PPO-ptx runs under one) would
+    # otherwise turn the torch path's fp32 d hidden GEMM and row entropies into bf16 ones
+    with torch.autocast(hidden.device.type, enabled=False):
+        if not any(needs):
+            logprobs, entropy, _ = forward_with_gradient(hidden, weight, bias, targets, rule, temperature,
+                                                         ignore_index, backend, needs)
+            return rule.value(logprobs, entropy), logprobs, entropy
+        loss, logprobs, entropy = LinearLossFunction.apply(hidden, weight, bias, targets, rule, float(temperature),
+                                                           int(ignore_index), backend, needs)
     return loss, logprobs, entropy if rule.want_entropy else None

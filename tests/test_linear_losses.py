@@ -428,6 +428,19 @@ def test_entropy_is_never_computed_for_the_nll(backend, device, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
+def test_an_enclosing_autocast_changes_nothing(backend, loss, device):
+    """PPO-ptx calls the NLL under autocast: bf16 inputs give bitwise the same loss and gradients
+    inside and outside it (the kernels pick every GEMM's precision themselves)."""
+    hidden, weight, bias, targets = make_inputs(37, 16, 257, dtype=torch.bfloat16)
+    plain = run(LOSSES[loss], hidden, weight, bias, targets, device, backend=backend)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        autocast = run(LOSSES[loss], hidden, weight, bias, targets, device, backend=backend)
+    for a, b in zip([plain[0], *plain[1]], [autocast[0], *autocast[1]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
 def test_two_runs_are_bitwise_equal_and_every_output_is_written(backend, loss, device):
     """Deterministic (no atomics), and torch.empty poisoned with NaN leaks into no output."""
     hidden, weight, bias, targets = make_inputs(53, 24, 1000)
