@@ -10,6 +10,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,22 @@ def time_ms(fn, device: str, warmup: int = 3, rep: int = 10) -> tuple[float, flo
     return statistics.median(samples), q[1], q[7]
 
 
+def interleaved_ms(calls, warmup, rep):
+    """{name: (median, p20, p80)} ms on CPU, the providers taking turns rep by rep, so that the
+    shared machine's background load falls on all of them alike (bench.common.time_ms per call)."""
+    samples = {name: [] for name in calls}
+    for _ in range(rep):
+        for name, call in calls.items():
+            samples[name].append(time_ms(call, "cpu", warmup=warmup, rep=1)[0])
+        warmup = 0
+    out = {}
+    for name, values in samples.items():
+        values = sorted(values)
+        pick = lambda q: values[round(q * (len(values) - 1))]  # noqa: E731
+        out[name] = (statistics.median(values), pick(0.2), pick(0.8))
+    return out
+
+
 # What a CUDA "peak_mb" counts, recorded in each GPU results file so that figures are compared only
 # with figures that count the same thing (bench/targets.py checks it).
 CUDA_PEAK_BASIS = ("max_memory_allocated during one call above the memory allocated before it, with the "
@@ -88,6 +105,32 @@ def cuda_peak_mb(fn, device: str) -> float:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rss_mb(fn) -> float:
+    """Peak RSS of fn() above the RSS before it, in MB (Linux): run it in a fresh process.
+
+    Linux keeps ru_maxrss across fork + exec, so a child of a big parent starts at the parent's
+    peak and ru_maxrss deltas read 0; the per-process VmHWM, reset through /proc/self/clear_refs,
+    is the same high-water mark without that inheritance.
+    """
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def child_peak_rss_mb(module: str, *args: str) -> float:
+    """Run `python -m module *args` (which prints {"peak_mb": ...} last) and return its figure."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
 def write_results(bench: str, device: str, rows: list[dict], **meta) -> Path:

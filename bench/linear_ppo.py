@@ -1,23 +1,34 @@
 """Bench linear_ppo_loss forward + backward against eager torch, torch.compile, and the fused head.
 
-Run from the repository root: `.venv/bin/python -m bench.linear_ppo`. DESIGN.md's loss-head target:
-fwd+bwd within 1.15x of the three cuBLAS GEMMs (bench/logprobs.py's cublas-floor row at this shape),
-faster than eager and torch.compile, extra memory under 2% of eager's. Providers: eager (full logits,
-fp32 log-softmax, gather, entropy, then the loss in plain torch), torch.compile of it, the fused head
-alone (token_logprobs with entropy: the floor of any fused loss), the fused head + the eager loss,
-and ours. The PPO math is O(N) next to the head's (N, D, V) GEMMs.
-CUDA: N=8192, D=4096, V=128256 bf16; CPU: N=2048, D=512, V=32000 fp32 (GPU rows: "not run").
+Run from the repository root: `.venv/bin/python -m bench.linear_ppo [--smoke] [--chunk-mib 128,512]`.
+DESIGN.md's loss-head target: fwd+bwd within 1.15x of the three cuBLAS GEMMs (bench/logprobs.py's
+cublas-floor row at this shape), faster than eager and torch.compile, extra memory under 2% of
+eager's; on the CPU no slower than eager with peak RSS under 20% of eager's. Providers: eager (full
+logits, fp32 log-softmax, gather, entropy, then the loss in plain torch), torch.compile of it, the
+fused head alone (token_logprobs with entropy, four GEMMs: its backward recomputes the logits), the
+fused head + the eager loss, and ours (three GEMMs: the gradient made in the forward). The PPO math
+is O(N) next to the head's (N, D, V) GEMMs.
+CUDA: N=8192, D=4096, V=128256 bf16; CPU: N=4096, D=512, V=32000 fp32 (GPU rows: "not run"); peak
+memory: bench.common.cuda_peak_mb on CUDA, on the CPU the peak RSS of one call in a fresh process.
 Each provider's loss and gradients are checked before timing: ours against the fp64 reference on
 the first rows, every other provider against ours on the whole shape.
+--chunk-mib: also ours at these chunk budgets (MiB of logits per chunk, d weight included), rows
+"ours (linear_ppo_loss) @ <n> MiB": the sweep that sets kernels/_lm_head.py's constants.
+--smoke: every provider once at a tiny shape, printed, no results file written.
 """
+import argparse
+import contextlib
+import json
+
 import torch
 
-from bench.common import CUDA_PEAK_BASIS, write_results
-from bench.ppo_loss import timings
-from rlhf_fast.kernels import kl_penalty, linear_ppo_loss, reference, token_logprobs
+from bench.common import (CUDA_PEAK_BASIS, child_peak_rss_mb, cuda_peak_mb, interleaved_ms, peak_rss_mb, time_ms,
+                          write_results)
+from rlhf_fast.kernels import _lm_head, kl_penalty, linear_ppo_loss, reference, token_logprobs
 
 GPU_SHAPE = dict(N=8192, D=4096, V=128256, dtype=torch.bfloat16)
-CPU_SHAPE = dict(N=2048, D=512, V=32000, dtype=torch.float32)
+CPU_SHAPE = dict(N=4096, D=512, V=32000, dtype=torch.float32)
+SMOKE_SHAPE = dict(N=64, D=32, V=1000, dtype=torch.float32)
 OPTIONS = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
 CHECK_ROWS = 128  # rows compared with the fp64 reference (which holds (rows, V) fp64 logits)
 
@@ -116,16 +127,63 @@ def shape_label(shape):
     return f"N={shape['N']} D={shape['D']} V={shape['V']} {str(shape['dtype']).removeprefix('torch.')}"
 
 
-def measure(device, shape):
+@contextlib.contextmanager
+def chunk_budget(mib):
+    """Every chunk of the loss head (d weight accumulated or not) within `mib` MiB of logits."""
+    saved = _lm_head.CPU_CHUNK_BYTES, _lm_head.CUDA_CHUNK_BYTES, _lm_head.CUDA_WEIGHT_GRAD_CHUNK_FACTOR
+    _lm_head.CPU_CHUNK_BYTES = _lm_head.CUDA_CHUNK_BYTES = mib * 2**20
+    _lm_head.CUDA_WEIGHT_GRAD_CHUNK_FACTOR = 1
+    try:
+        yield
+    finally:
+        _lm_head.CPU_CHUNK_BYTES, _lm_head.CUDA_CHUNK_BYTES, _lm_head.CUDA_WEIGHT_GRAD_CHUNK_FACTOR = saved
+
+
+def swept(mib):
+    """ours at a chunk budget of `mib` MiB."""
+    def loss(**inputs):
+        with chunk_budget(mib):
+            return ours(**inputs)
+    return loss
+
+
+def shape_args(shape):
+    return ["--shape", str(shape["N"]), str(shape["D"]), str(shape["V"]), str(shape["dtype"]).removeprefix("torch.")]
+
+
+def rss_child(provider, shape):
+    """Print the peak RSS of one forward + backward above the RSS once the inputs are made, in MB."""
+    torch.manual_seed(0)
+    inputs = make_inputs(shape["N"], shape["D"], shape["V"], shape["dtype"], "cpu")
+    fn = providers()[provider]
+    if provider == "torch.compile":
+        fwd_bwd(fn, inputs)  # compile first: its own memory is not the loss's
+        inputs["hidden"].grad = inputs["weight"].grad = None
+    print(json.dumps({"peak_mb": peak_rss_mb(lambda: fwd_bwd(fn, inputs))}))
+
+
+def measure(device, shape, sweep=(), cpu_rep=5):
+    torch.manual_seed(0)
     inputs = make_inputs(shape["N"], shape["D"], shape["V"], shape["dtype"], device)
     fns = providers()
-    # bf16: the spec sees exact logits, ours bf16 GEMM outputs; eager rounds its logits to bf16 too
+    measured_alone = set(fns)  # the sweep's rows have no peak of their own sees exact logits, ours bf16 GEMM outputs; eager rounds its logits to bf16 too
     check(inputs, fns, *((1e-4, 1e-4) if shape["dtype"] == torch.float32 else (5e-2, 2e-2)))
-    # fwd+bwd is three (N, D, V) GEMMs (logits, d hidden, d weight); ours also recomputes the logits
+    fns.update({f"ours (linear_ppo_loss) @ {mib} MiB": swept(mib) for mib in sweep})
+    # fwd+bwd is three (N, D, V) GEMMs (logits, d hidden, d weight); token_logprobs also recomputes the logits
     flops = 3 * 2 * shape["N"] * shape["D"] * shape["V"]
     runs = {name: lambda fn=fn: fwd_bwd(fn, inputs) for name, fn in fns.items()}
     rows = []
-    for name, (median, p20, p80, peak) in timings(runs, device, cpu_rep=5).items():
+    if device == "cpu":
+        times = interleaved_ms(runs, warmup=1, rep=cpu_rep)
+    else:
+        times = {name: time_ms(run, device) for name, run in runs.items()}
+    for name, (median, p20, p80) in times.items():
+        if device != "cpu":
+            peak = cuda_peak_mb(runs[name], device)
+        elif name in measured_alone:  # the peak RSS of one call in a fresh process
+            peak = child_peak_rss_mb("bench.linear_ppo", "--rss-child", name, *shape_args(shape))
+        else:
+            peak = None
         rows.append({"shape": shape_label(shape), "mode": "fwd+bwd", "provider": name, "median_ms": median,
                      "p20_ms": p20, "p80_ms": p80, "peak_mb": peak,
                      "rate": f"{flops / median / 1e9:.2f} TFLOP/s (3 GEMMs)"})
@@ -135,23 +193,51 @@ def measure(device, shape):
     return rows
 
 
-def main():
+def cpu_targets(rows):
+    """The CPU targets: ours no slower than eager, its peak RSS under 20% of eager's."""
+    by = {row["provider"]: row for row in rows if row.get("median_ms") is not None}
+    mine, base = by.get("ours (linear_ppo_loss)"), by.get("eager")
+    if not (mine and base and mine.get("peak_mb") is not None and base.get("peak_mb")):
+        return {}
+    return {"peak_ratio": mine["peak_mb"] / base["peak_mb"], "time_ratio": mine["median_ms"] / base["median_ms"],
+            "met": mine["peak_mb"] < 0.2 * base["peak_mb"] and mine["median_ms"] <= base["median_ms"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="every provider once at a tiny shape; prints, writes no results file")
+    parser.add_argument("--chunk-mib", default="", help="comma-separated chunk budgets to time ours at too")
+    parser.add_argument("--rss-child", metavar="PROVIDER", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = {}
     if device == "cpu":
         # one thread: see bench/ppo_loss.py (shared 2-core box, threads contend under load)
         torch.set_num_threads(1)
+    if args.rss_child:
+        n, d, v, dtype = args.shape
+        return rss_child(args.rss_child, dict(N=int(n), D=int(d), V=int(v), dtype=getattr(torch, dtype)))
+    sweep = [int(x) for x in args.chunk_mib.split(",") if x]
+    if args.smoke:
+        for row in measure(device, SMOKE_SHAPE, sweep, cpu_rep=2):
+            print(row)
+        return
+    meta = {}
+    if device == "cpu":
         shape = CPU_SHAPE
-        rows = measure(device, shape)
+        rows = measure(device, shape, sweep)
+        meta["cpu_targets"] = cpu_targets(rows)
         rows += [{"shape": shape_label(GPU_SHAPE) + " (GPU)", "mode": "fwd+bwd", "provider": name,
                   "status": "not run: no CUDA device"} for name in providers()]
     else:
         shape = GPU_SHAPE
-        rows = measure(device, shape)
+        rows = measure(device, shape, sweep)
         meta["peak_basis"] = CUDA_PEAK_BASIS
     path = write_results("linear_ppo", device, rows, shape=shape_label(shape), options=OPTIONS,
                          threads=torch.get_num_threads(), **meta,
-                         rate_formula="3 * 2*N*D*V FLOP / median (the three GEMMs; the recompute GEMM is not counted)")
+                         rate_formula="3 * 2*N*D*V FLOP / median (the three GEMMs; token_logprobs' recompute "
+                                      "GEMM is not counted)")
     for row in rows:
         print(row)
     print(f"wrote {path}")

@@ -1,10 +1,15 @@
-"""Bench: per-token log-probs from hidden states, fwd and fwd+bwd, time and peak memory.
+"""Bench: per-token log-probs and the cross-entropy loss from hidden states: time and peak memory.
 
-Providers: eager (logits -> float -> log_softmax -> gather, + entropy with --entropy), torch.compile
-of eager, Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), cut-cross-entropy's
+Modes "fwd" and "fwd+bwd" (per-token log-probs, the backward of a random weighting of them):
+eager (logits -> float -> log_softmax -> gather, + entropy with --entropy), torch.compile of eager,
+Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none"), cut-cross-entropy's
 linear_cross_entropy(reduction="none"), ours (rlhf_fast.kernels.token_logprobs), and on CUDA the
 cuBLAS floor: the forward GEMM (fwd) or it plus the backward's two GEMMs (fwd+bwd).
-Each provider's log-probs and gradients are checked against ours before it is timed.
+Mode "nll fwd+bwd" (the mean cross-entropy, SFT's loss, and its backward; last, after the others):
+eager F.cross_entropy on fp32 logits, torch.compile of it, Liger's and cut-cross-entropy's losses at
+their default reduction="mean" (their own fast path), ours (rlhf_fast.kernels.linear_nll_loss,
+three GEMMs: the gradient made in the forward) and the same three-GEMM floor.
+Each provider's outputs and gradients are checked against ours before it is timed.
 
 Rates: TFLOP/s = k x 2 N D V / time, k = 1 GEMM for fwd, 3 for fwd+bwd (the useful work; ours
 recomputes the logits in the backward, a 4th GEMM not counted). Peak memory: on CUDA,
@@ -12,29 +17,30 @@ bench.common.cuda_peak_mb (above the inputs and the gradients, which each call r
 the peak RSS (VmHWM) of a fresh subprocess per provider above its own baseline taken after the
 inputs are allocated (VmHWM, reset before the step).
 
-    .venv/bin/python -m bench.logprobs [--device cpu|cuda] [--quick] [--entropy]
+    .venv/bin/python -m bench.logprobs [--device cpu|cuda] [--quick] [--entropy] [--smoke]
 
 --quick: fewer repeats; on CUDA the DESIGN.md target shape (N=8192, D=4096, V=128256) alone.
 --entropy: also the modes "fwd +entropy" and "fwd+bwd +entropy" (entropy returned and in the loss).
+--smoke: every mode and provider once at a tiny shape, printed, no results file written.
 """
 import argparse
 import importlib.metadata
 import json
-import statistics
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from bench.common import CUDA_PEAK_BASIS, cuda_peak_mb, time_ms, write_results
-from rlhf_fast.kernels import token_logprobs
+from bench.common import (CUDA_PEAK_BASIS, child_peak_rss_mb, cuda_peak_mb, interleaved_ms, peak_rss_mb, time_ms,
+                          write_results)
+from rlhf_fast.kernels import linear_nll_loss, token_logprobs
 
 TARGET_SHAPE = (8192, 4096, 128256)  # DESIGN.md's speed targets are stated at this shape
 GPU_SHAPES = [TARGET_SHAPE] + [(n, 4096, v) for n in (4096, 16384) for v in (32000, 128256, 151936)]
 CPU_SHAPE = (4096, 512, 32000)
+SMOKE_SHAPE = (64, 32, 1000)
 MODES = ("fwd", "fwd+bwd")
+NLL_MODE = "nll fwd+bwd"
 PROVIDERS = ("eager", "torch.compile", "liger", "cut-cross-entropy", "ours", "cublas-floor")
 # provider -> (its import name, its distribution name)
 PEERS = {"liger": ("liger_kernel", "liger-kernel"), "cut-cross-entropy": ("cut_cross_entropy", "cut-cross-entropy")}
@@ -51,34 +57,50 @@ def ours(hidden, weight, targets, entropy=False):
     return token_logprobs(hidden, weight, targets, return_entropy=entropy)
 
 
-def liger():
+def eager_nll(hidden, weight, targets, entropy=False):
+    """The mean cross-entropy as a trainer writes it: (N, V) logits, fp32 F.cross_entropy."""
+    return F.cross_entropy((hidden @ weight.T).float(), targets)
+
+
+def ours_nll(hidden, weight, targets, entropy=False):
+    return linear_nll_loss(hidden, weight, targets)
+
+
+def liger(nll=False):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
+    if nll:
+        mean_loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda hidden, weight, targets, entropy=False: mean_loss(weight, hidden, targets).float()
     loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
     return lambda hidden, weight, targets, entropy=False: (-loss(weight, hidden, targets), None)
 
 
-def cut_cross_entropy():
+def cut_cross_entropy(nll=False):
     from cut_cross_entropy import linear_cross_entropy
 
+    if nll:
+        return lambda hidden, weight, targets, entropy=False: linear_cross_entropy(hidden, weight, targets).float()
     return lambda hidden, weight, targets, entropy=False: (
         -linear_cross_entropy(hidden, weight, targets, reduction="none").float(), None)
 
 
-def provider_fn(name, device, entropy):
-    """(fn, None) or (None, why it is not run)."""
+def provider_fn(name, device, entropy, mode="fwd"):
+    """(fn, None) or (None, why it is not run). In mode "nll" fn returns the mean loss; otherwise
+    (log-probs, entropy | None)."""
+    nll = mode == "nll"
     if name == "eager":
-        return eager, None
+        return (eager_nll if nll else eager), None
     if name == "ours":
-        return ours, None
+        return (ours_nll if nll else ours), None
     if name == "torch.compile":
-        return torch.compile(eager, dynamic=False), None
+        return torch.compile(eager_nll if nll else eager, dynamic=False), None
     if name == "cublas-floor":
         return (None, "not run (CUDA only)") if device == "cpu" else (None, None)
     if entropy:
         return None, "no entropy output"
     try:
-        fn = liger() if name == "liger" else cut_cross_entropy()
+        fn = liger(nll) if name == "liger" else cut_cross_entropy(nll)
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] == PEERS[name][0]:
             return None, "not installed"
@@ -110,9 +132,14 @@ def make_inputs(shape, dtype, device, seed=0):
 
 
 def step(fn, inputs, mode, entropy):
-    """One call: forward, and for fwd+bwd the backward of sum(g * (lp + H))."""
+    """One call: forward, and for fwd+bwd the backward of sum(g * (lp + H)); for nll the loss and
+    its backward."""
     hidden, weight, targets, upstream = inputs
     hidden.grad = weight.grad = None
+    if mode == "nll":
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+        return loss, None, hidden.grad, weight.grad
     with torch.set_grad_enabled(mode == "fwd+bwd"):
         lp, ent = fn(hidden, weight, targets, entropy)
         if mode == "fwd+bwd":
@@ -124,7 +151,7 @@ def floor_step(inputs, mode, grad_logits):
     """The GEMMs alone: logits = H W^T; backward dH = G W and dW = G^T H with G precomputed."""
     hidden, weight = inputs[0].detach(), inputs[1].detach()
     logits = hidden @ weight.T
-    if mode == "fwd+bwd":
+    if mode != "fwd":
         return logits, grad_logits @ weight, grad_logits.T @ hidden
     return logits
 
@@ -137,35 +164,18 @@ def max_rel_error(got, want):
 
 def cpu_peak_rss_mb(provider, mode, shape, dtype, entropy):
     """Peak RSS of one step above the inputs, in a fresh subprocess per provider."""
-    args = [sys.executable, "-m", "bench.logprobs", "--rss-child", provider, mode,
-            "--shape", *map(str, shape), "--dtype", str(dtype).removeprefix("torch.")]
-    out = subprocess.run(args + (["--entropy"] if entropy else []), capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-
-
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    args = ["--rss-child", provider, mode, "--shape", *map(str, shape), "--dtype", str(dtype).removeprefix("torch.")]
+    return child_peak_rss_mb("bench.logprobs", *args, *(["--entropy"] if entropy else []))
 
 
 def rss_child(provider, mode, shape, dtype, entropy):
-    """Print the peak RSS of one step above the RSS after the inputs are allocated, in MB.
-
-    Linux keeps ru_maxrss across fork + exec, so a child of a big parent starts at the parent's
-    peak and ru_maxrss deltas read 0; the per-process VmHWM, reset through /proc/self/clear_refs,
-    is the same high-water mark without that inheritance.
-    """
-    fn, _ = provider_fn(provider, "cpu", entropy)
+    """Print the peak RSS of one step above the RSS after the inputs are allocated, in MB
+    (bench.common.peak_rss_mb)."""
+    fn, _ = provider_fn(provider, "cpu", entropy, mode)
     inputs = make_inputs(shape, dtype, "cpu")
     if provider == "torch.compile":
         step(fn, inputs, mode, entropy)  # compile first: its own memory is not the kernel's
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    base = _status_kib("VmRSS")
-    step(fn, inputs, mode, entropy)
-    print(json.dumps({"peak_mb": (_status_kib("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_mb": peak_rss_mb(lambda: step(fn, inputs, mode, entropy))}))
 
 
 def shape_label(shape, dtype):
@@ -173,26 +183,12 @@ def shape_label(shape, dtype):
     return f"N={n} D={d} V={v} {str(dtype).removeprefix('torch.')}"
 
 
-def interleaved_ms(calls, warmup, rep):
-    """{name: (median, p20, p80)} ms on CPU, the providers taking turns rep by rep, so that the
-    shared machine's background load falls on all of them alike (bench.common.time_ms per call)."""
-    samples = {name: [] for name in calls}
-    for _ in range(rep):
-        for name, call in calls.items():
-            samples[name].append(time_ms(call, "cpu", warmup=warmup, rep=1)[0])
-        warmup = 0
-    out = {}
-    for name, values in samples.items():
-        values = sorted(values)
-        pick = lambda q: values[round(q * (len(values) - 1))]  # noqa: E731
-        out[name] = (statistics.median(values), pick(0.2), pick(0.8))
-    return out
-
-
 def run_modes(with_entropy):
-    """(row label, mode, entropy) for each mode measured: fwd and fwd+bwd, and with entropy if asked."""
+    """(row label, mode, entropy) for each mode measured: fwd and fwd+bwd, with entropy if asked,
+    then the NLL loss."""
     plain = [(mode, mode, False) for mode in MODES]
-    return plain + ([(f"{mode} +entropy", mode, True) for mode in MODES] if with_entropy else [])
+    entropy = [(f"{mode} +entropy", mode, True) for mode in MODES] if with_entropy else []
+    return plain + entropy + [(NLL_MODE, "nll", False)]
 
 
 def bench_shape(shape, dtype, device, with_entropy, reps):
@@ -209,12 +205,12 @@ def bench_modes(shape, dtype, device, with_entropy, reps):
     inputs = make_inputs(shape, dtype, device)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for label, mode, entropy in run_modes(with_entropy):
-        want = step(ours, inputs, mode, entropy)
+        want = step(provider_fn("ours", device, entropy, mode)[0], inputs, mode, entropy)
         gemms = 1 if mode == "fwd" else 3
         calls, mode_rows = {}, {}
         for name in PROVIDERS:
             row = mode_rows[name] = {"shape": shape_label(shape, dtype), "mode": label, "provider": name}
-            fn, why = provider_fn(name, device, entropy)
+            fn, why = provider_fn(name, device, entropy, mode)
             if why:
                 row["status"] = why
                 continue
@@ -251,10 +247,11 @@ def bench_modes(shape, dtype, device, with_entropy, reps):
 
 
 def cpu_targets(rows):
-    """The CPU targets: ours' extra peak RSS under 20% of eager's, and its time no worse."""
+    """The CPU targets: ours' extra peak RSS under 20% of eager's, and its time no worse (log-probs
+    and the NLL loss)."""
     by = {(r["provider"], r["mode"]): r for r in rows if r.get("median_ms") is not None}
     verdict = {}
-    for mode in MODES:
+    for mode in (*MODES, NLL_MODE):
         mine, base = by.get(("ours", mode)), by.get(("eager", mode))
         if mine and base and base["peak_mb"] > 0:
             verdict[mode] = {
@@ -272,6 +269,8 @@ def main(argv=None):
                         help="fewer repeats; on CUDA the target shape N=8192 D=4096 V=128256 alone")
     parser.add_argument("--entropy", action="store_true",
                         help="also the modes with entropy (returned and in the loss)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every mode and provider once at a tiny shape; prints, writes no results file")
     parser.add_argument("--rss-child", nargs=2, metavar=("PROVIDER", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", nargs=3, type=int, default=CPU_SHAPE, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -280,6 +279,11 @@ def main(argv=None):
         return rss_child(*args.rss_child, tuple(args.shape), getattr(torch, args.dtype), args.entropy)
 
     reps = (1, 5) if args.quick else (1, 9)  # (warmup, rep)
+    if args.smoke:
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        for row in bench_shape(SMOKE_SHAPE, dtype, args.device, True, (0, 2)):
+            print(row)
+        return
     if args.device.startswith("cuda"):
         shapes = [TARGET_SHAPE] if args.quick else GPU_SHAPES
         meta = {"peak_basis": CUDA_PEAK_BASIS, "peers": peer_versions(), "complete": False}
@@ -293,7 +297,7 @@ def main(argv=None):
     else:
         torch.manual_seed(0)
         rows = bench_shape(CPU_SHAPE, torch.float32, "cpu", args.entropy, reps)
-        rows += [{"shape": shape_label(s, torch.bfloat16), "mode": "fwd, fwd+bwd", "provider": "all",
+        rows += [{"shape": shape_label(s, torch.bfloat16), "mode": f"fwd, fwd+bwd, {NLL_MODE}", "provider": "all",
                   "status": "not run (no CUDA device)"} for s in GPU_SHAPES]
         meta = {"cpu_targets": cpu_targets(rows), "threads": torch.get_num_threads(),
                 "load_average_1_5_15": os.getloadavg(), "peers": peer_versions()}

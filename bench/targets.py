@@ -8,11 +8,13 @@ the check runs anywhere on the JSON files.
 
 Targets (DESIGN.md "Speed and memory targets"):
   GPU, N=8192 D=4096 V=128256 bf16 -- token_logprobs fwd <= 1.10x and fwd+bwd <= 1.40x the cuBLAS
-  floor (1 and 3 GEMMs, bench/logprobs.py); the loss head linear_ppo_loss fwd+bwd <= 1.15x that floor,
-  faster than eager, torch.compile, Liger-Kernel and cut-cross-entropy, extra memory under 2% of
-  eager's (bench/linear_ppo.py, the peers from bench/logprobs.py); gae 512x4096 over 50% of the
-  measured copy bandwidth and 500x+ TRL's Python loop (bench/gae.py); PPO end to end (bench/ppo_step.py).
-  CPU, N=4096 D=512 V=32000 -- token_logprobs peak RSS under 20% of eager's and no slower; PPO <= 0.5x TRL.
+  floor (1 and 3 GEMMs, bench/logprobs.py); the loss heads linear_ppo_loss and linear_nll_loss fwd+bwd
+  <= 1.15x that floor, faster than eager, torch.compile, Liger-Kernel and cut-cross-entropy, extra
+  memory under 2% of eager's (bench/linear_ppo.py, and bench/logprobs.py's "nll fwd+bwd" mode for
+  the NLL and the peers); gae 512x4096 over 50% of the measured copy bandwidth and 500x+ TRL's
+  Python loop (bench/gae.py); PPO end to end (bench/ppo_step.py).
+  CPU, N=4096 D=512 V=32000 -- token_logprobs, linear_nll_loss and linear_ppo_loss peak RSS under 20%
+  of eager's and no slower; PPO <= 0.5x TRL.
 
 bench/ppo_step.py's rows are read as: mode "iteration" or "rollout", provider "rlhf_fast ppo" or
 "trl PPOTrainer 0.29.1" (PPO_OURS, PPO_TRL), the shape label naming the model shape ("Llama-3.2-1B",
@@ -153,6 +155,7 @@ def token_logprobs_targets(results):
 
 
 OURS_HEAD = ("linear_ppo", "fwd+bwd", "ours (linear_ppo_loss)", HEAD_SHAPE)
+NLL_MODE = "nll fwd+bwd"  # bench/logprobs.py's mean cross-entropy loss and its backward
 # Where each competitor of the loss head is read, first found wins. linear_ppo's eager and
 # torch.compile do the loss's whole work; logprobs' "+entropy" rows do the head and the entropy
 # without the PPO loss, and Liger's and cut-cross-entropy's rows are cross-entropy alone (no entropy):
@@ -164,9 +167,14 @@ COMPETITORS = {
               (("logprobs", "fwd+bwd +entropy", "eager", HEAD_SHAPE), _NO_LOSS)],
     "torch.compile": [(("linear_ppo", "fwd+bwd", "torch.compile", HEAD_SHAPE), ""),
                       (("logprobs", "fwd+bwd +entropy", "torch.compile", HEAD_SHAPE), _NO_LOSS)],
-    "Liger-Kernel": [(("logprobs", "fwd+bwd", "liger", HEAD_SHAPE), _CE_ONLY)],
-    "cut-cross-entropy": [(("logprobs", "fwd+bwd", "cut-cross-entropy", HEAD_SHAPE), _CE_ONLY)],
+    "Liger-Kernel": [(("logprobs", NLL_MODE, "liger", HEAD_SHAPE), _CE_ONLY),
+                     (("logprobs", "fwd+bwd", "liger", HEAD_SHAPE), _CE_ONLY)],
+    "cut-cross-entropy": [(("logprobs", NLL_MODE, "cut-cross-entropy", HEAD_SHAPE), _CE_ONLY),
+                          (("logprobs", "fwd+bwd", "cut-cross-entropy", HEAD_SHAPE), _CE_ONLY)],
 }
+# linear_nll_loss against the same loss from each competitor, in one bench/logprobs.py run
+NLL_PEERS = {"eager": "eager", "torch.compile": "torch.compile", "Liger-Kernel": "liger",
+             "cut-cross-entropy": "cut-cross-entropy"}
 
 
 def _competitor(results, name):
@@ -212,6 +220,20 @@ def loss_head_memory(results):
     verdict = ratio_target(results, target, OURS_HEAD, key, 0.02, what="MB", field="peak_mb", strict=True,
                            percent=True)
     return Verdict(target, verdict.status, verdict.figure + (f" (against {note})" if note else ""), sources)
+
+
+def nll_targets(results):
+    """linear_nll_loss (bench/logprobs.py's "nll fwd+bwd" rows): the floor, each peer, the memory."""
+    ours = ("logprobs", NLL_MODE, "ours", HEAD_SHAPE)
+    verdicts = [ratio_target(results, "linear_nll_loss fwd+bwd within 1.15x of the cuBLAS floor", ours,
+                             ("logprobs", NLL_MODE, "cublas-floor", HEAD_SHAPE), 1.15)]
+    for name, provider in NLL_PEERS.items():
+        verdicts.append(ratio_target(results, f"linear_nll_loss fwd+bwd faster than {name}", ours,
+                                     ("logprobs", NLL_MODE, provider, HEAD_SHAPE), 1.0, strict=True))
+    verdicts.append(ratio_target(results, "linear_nll_loss extra memory under 2% of eager's", ours,
+                                 ("logprobs", NLL_MODE, "eager", HEAD_SHAPE), 0.02, what="MB", field="peak_mb",
+                                 strict=True, percent=True))
+    return verdicts
 
 
 def gae_targets(results):
@@ -273,6 +295,13 @@ def cpu_targets(results):
         verdicts.append(ratio_target(results, f"token_logprobs {mode} peak RSS under 20% of eager's (CPU)",
                                      ours, eager, 0.2, what="MB", field="peak_mb", strict=True, percent=True))
         verdicts.append(ratio_target(results, f"token_logprobs {mode} no slower than eager (CPU)", ours, eager, 1.0))
+    for op, key in (("linear_nll_loss", ("logprobs", NLL_MODE, "{}", CPU_HEAD_SHAPE)),
+                    ("linear_ppo_loss", ("linear_ppo", "fwd+bwd", "{}", CPU_HEAD_SHAPE))):
+        ours = (*key[:2], key[2].format("ours" if op == "linear_nll_loss" else "ours (linear_ppo_loss)"), key[3])
+        eager = (*key[:2], "eager", key[3])
+        verdicts.append(ratio_target(results, f"{op} fwd+bwd peak RSS under 20% of eager's (CPU)", ours, eager, 0.2,
+                                     what="MB", field="peak_mb", strict=True, percent=True))
+        verdicts.append(ratio_target(results, f"{op} fwd+bwd no slower than eager (CPU)", ours, eager, 1.0))
     verdicts.append(ratio_target(results, "PPO at the tiny shape <= 0.5x TRL's time (CPU)",
                                  ("ppo_step", "iteration", PPO_OURS, "~tiny"),
                                  ("ppo_step", "iteration", PPO_TRL, "~tiny"), 0.5))
@@ -284,7 +313,8 @@ def check(device: str, results_dir: Path = RESULTS_DIR, since: float | None = No
     results = Results(device, results_dir, since)
     if device == "cpu":
         return cpu_targets(results)
-    return token_logprobs_targets(results) + loss_head_targets(results) + gae_targets(results) + ppo_targets(results)
+    return (token_logprobs_targets(results) + loss_head_targets(results) + nll_targets(results) + gae_targets(results)
+            + ppo_targets(results))
 
 
 def devices(results_dir: Path = RESULTS_DIR) -> list[str]:

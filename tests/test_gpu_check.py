@@ -136,6 +136,42 @@ def test_cpu_targets_from_cpu_results(tmp_path):
     assert got["token_logprobs fwd+bwd no slower than eager (CPU)"].status == targets.MET
 
 
+def test_nll_loss_against_floor_peers_and_memory(tmp_path):
+    """linear_nll_loss's targets read bench/logprobs.py's "nll fwd+bwd" rows (one run, one peak basis);
+    Liger and cut-cross-entropy's own loss rows are then also linear_ppo_loss's competitors."""
+    files = h200_files()
+    files["logprobs-h200.json"]["rows"] += [
+        row("nll fwd+bwd", "eager", 50.0, 10000.0), row("nll fwd+bwd", "torch.compile", 45.0, 5000.0),
+        row("nll fwd+bwd", "liger", 55.0, 130.0), row("nll fwd+bwd", "ours", 44.0, 150.0),
+        row("nll fwd+bwd", "cublas-floor", 38.7)]
+    got = verdicts_by_target(write(tmp_path, files))
+    floor = got["linear_nll_loss fwd+bwd within 1.15x of the cuBLAS floor"]
+    assert floor.status == targets.MET and floor.figure.startswith("1.14x (44.00 / 38.70 ms)")
+    for peer in ("eager", "torch.compile", "Liger-Kernel"):
+        assert got[f"linear_nll_loss fwd+bwd faster than {peer}"].status == targets.MET
+    assert got["linear_nll_loss fwd+bwd faster than cut-cross-entropy"].status == targets.NOT_MEASURED
+    memory = got["linear_nll_loss extra memory under 2% of eager's"]
+    assert memory.status == targets.MET and memory.figure.startswith("1.5% (150.00 / 10000 MB)")
+    liger = got["linear_ppo_loss fwd+bwd faster than Liger-Kernel"]
+    assert "(60.27 / 55.00 ms)" in liger.figure and liger.status == targets.NOT_MET
+    # cut-cross-entropy has no nll row here: its per-token row is read instead
+    assert "(60.27 / 97.20 ms)" in got["linear_ppo_loss fwd+bwd faster than cut-cross-entropy"].figure
+
+
+def test_cpu_loss_head_targets(tmp_path):
+    shape = "N=4096 D=512 V=32000 float32"
+    logprobs = [row("nll fwd+bwd", "eager", 4000.0, 1500.0, shape), row("nll fwd+bwd", "ours", 3000.0, 200.0, shape)]
+    ppo = [row("fwd+bwd", "eager", 4500.0, 1600.0, shape), row("fwd+bwd", "ours (linear_ppo_loss)", 4600.0, 400.0, shape)]
+    write(tmp_path, {"logprobs-cpu.json": {"bench": "logprobs", "device": "CPU x2", "rows": logprobs},
+                     "linear_ppo-cpu.json": {"bench": "linear_ppo", "device": "CPU x2", "rows": ppo}})
+    got = verdicts_by_target(tmp_path, "cpu")
+    assert got["linear_nll_loss fwd+bwd peak RSS under 20% of eager's (CPU)"].status == targets.MET
+    assert got["linear_nll_loss fwd+bwd no slower than eager (CPU)"].status == targets.MET
+    assert got["linear_ppo_loss fwd+bwd peak RSS under 20% of eager's (CPU)"].status == targets.NOT_MET  # 25%
+    slower = got["linear_ppo_loss fwd+bwd no slower than eager (CPU)"]
+    assert slower.status == targets.NOT_MET and slower.sources == ("linear_ppo-cpu.json",)
+
+
 def test_table_drops_cpu_placeholders_a_gpu_measured_and_marks_skipped_providers(tmp_path):
     cpu = {"bench": "logprobs", "device": "CPU AMD EPYC x2", "rows": [
         {"shape": "N=8192 D=4096 V=128256 bf16 (GPU)", "mode": "fwd+bwd", "provider": "ours",
@@ -172,7 +208,7 @@ def test_summary_counts_tests_and_lists_steps_and_targets(tmp_path):
     assert "tests: 2 passed, 1 failed, 1 errors, 1 skipped (pytest on CUDA)" in lines
     assert "  failed: tests.test_a::test_bad" in lines and "  failed: tests.test_b::test_err" in lines
     assert any(line.startswith("  pytest") and "rc=1" in line and "41 s" in line for line in lines)
-    assert any("4 met, 4 not met, 7 not measured" in line for line in lines)
+    assert any("4 met, 4 not met, 13 not measured" in line for line in lines)  # 6 of them linear_nll_loss
     assert lines[-1].strip().startswith("NOT MEASURED PPO at Llama-3.1-8B")
 
 
