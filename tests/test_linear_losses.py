@@ -111,18 +111,27 @@ def test_matches_torch_cross_entropy(backend, reduction, device):
     check_grads([h.grad, w.grad, b.grad], [h64.grad, w64.grad, b64.grad], 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_error_is_within_twice_eager_bf16(backend, device):
-    n, d, v = 67, 64, 1000
+def check_bf16_within_twice_eager(backend, device, n, d, v):
     hidden, weight, bias, targets = make_inputs(n, d, v, dtype=torch.bfloat16)
     kw = dict(temperature=0.9, reduction="mean")
     loss, grads = run(linear_nll_loss, hidden, weight, bias, targets, device, backend=backend, **kw)
     eager_loss, eager_grads = run(eager_bf16, hidden, weight, bias, targets, device, **kw)
-    ref_loss, ref_grads = fp64_spec(hidden, weight, bias, targets, **kw)
+    ref_loss, ref_grads = fp64_spec(*leaves_on(device, hidden, weight, bias), targets.to(device), **kw)
     assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
     for name, got, base, want in zip(["loss", "d hidden", "d weight", "d bias"], [loss, *grads],
                                      [eager_loss, *eager_grads], [ref_loss, *ref_grads]):
         assert_rel_close(got, want, 2 * relative_error(base, want) + 1e-3, f"bf16 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_error_is_within_twice_eager_bf16(backend, device):
+    check_bf16_within_twice_eager(backend, device, 67, 64, 1000)
+
+
+@pytest.mark.gpu
+def test_bf16_at_a_llama_shape_is_within_twice_eager_bf16(device):
+    """N = 4097 tokens, D = 2048, V = 128256 (Llama 3's vocabulary), on the Triton path."""
+    check_bf16_within_twice_eager("triton", device, 4097, 2048, 128256)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -270,10 +279,11 @@ def expected_chunks(n, v, dtype, backend, weight_grad):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_the_forward_makes_the_gradient_in_three_gemms_and_the_backward_none(backend, loss, device):
+def test_the_forward_makes_the_gradient_in_three_gemms_and_the_backward_none(backend, loss, device, monkeypatch):
     """GEMMs counted at the aten level: per chunk the forward runs 3 (logits, d hidden, d weight) and
     the backward none, where token_logprobs runs 1 and 3 (it recomputes the logits); with a frozen
     head 2 per chunk, and without any gradient 1 (the logits alone)."""
+    monkeypatch.setattr(_lm_head, "CUDA_WEIGHT_GRAD_CHUNK_FACTOR", 1)  # several chunks on CUDA too
     n, d, v = 101, 16, 257
     hidden, weight, bias, targets = make_inputs(n, d, v, bias=False)
     h, w = leaves_on(device, hidden, weight)
