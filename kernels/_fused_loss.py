@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 
 from ._lm_head import chunk_plan, scale_logits_
-from .token_logprobs import add_weight_grad_, chunk_grad_triton, chunk_stats_triton
+from .token_logprobs import add_weight_grad_, chunk_grad_triton, chunk_stats_triton, weight_grad_buffer
 
 # Scaling a saved low-precision gradient by the upstream gradient goes through fp32 blocks of at
 # most this many elements (16 MiB): one rounding, never an fp32 copy of the whole (N, D) gradient.
@@ -122,7 +122,7 @@ def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, igno
     logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty_like(logprobs) if rule.want_entropy else None
     grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+    grad_weight = weight_grad_buffer(weight, row_chunks) if need_w else None
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
     for start, end in row_chunks:
         rows = slice(start, end)
@@ -142,7 +142,7 @@ def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, igno
             else:  # the torch path's fp32 GEMMs on bf16/fp16 inputs
                 grad_hidden[rows] = dz @ w
         if need_w:
-            add_weight_grad_(grad_weight, dz, h)
+            add_weight_grad_(grad_weight, dz, h, first=start == 0)
         if need_b:
             grad_bias += dz.sum(0, dtype=torch.float32)
     return logprobs, entropy, (grad_hidden, grad_weight, grad_bias)

@@ -158,6 +158,19 @@ def test_ignored_rows_custom_index_and_nothing_counted(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_at_all(backend, device):
+    """N = 0 (a batch without response tokens): a zero sum and zero gradients of the right shapes, from
+    the NLL and from token_logprobs (the d weight accumulator is written by chunks that do not exist)."""
+    hidden, weight, bias, targets = make_inputs(0, 16, 50)
+    h, w, b = leaves_on(device, hidden, weight, bias)
+    loss = linear_nll_loss(h, w, targets.to(device), bias=b, reduction="sum", backend=backend)
+    lp, _ = token_logprobs(h, w, targets.to(device), bias=b, backend=backend)
+    (loss + lp.sum()).backward()
+    assert loss.item() == 0 and lp.shape == (0,)
+    assert h.grad.shape == (0, 16) and torch.all(w.grad == 0) and torch.all(b.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_3d_input_frozen_head_and_token_logprobs(backend, device):
     """(B, T, D) input; a frozen head gets no gradient (and none is made); the returned log-probs are
     token_logprobs', detached."""
