@@ -110,15 +110,17 @@ def _scaled(x, scale, dtype):
     return out
 
 
-def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs):
+def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs,
+                          group_ends=None):
     """The chunk loop. hidden (N, D), weight (V, D), bias (V,) | None, targets (N,) int; needs:
-    (d hidden, d weight, d bias) wanted. Returns (logprobs (N,), entropy (N,) | None, grads) with
-    grads the unscaled (dH in hidden's dtype | None, dW fp32 | None, db fp32 | None)."""
+    (d hidden, d weight, d bias) wanted; group_ends: None, or the row groups no chunk may split
+    (_lm_head.group_chunks). Returns (logprobs (N,), entropy (N,) | None, grads) with grads the
+    unscaled (dH in hidden's dtype | None, dW fp32 | None, db fp32 | None)."""
     need_h, need_w, need_b = needs
     want_grad = any(needs)
     n = hidden.shape[0]
     w, b, row_chunks, buffers = chunk_plan(n, weight, bias, backend, 2 if backend == "torch" else 1,
-                                           weight_grad=need_w)
+                                           weight_grad=need_w, group_ends=group_ends)
     logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
     entropy = torch.empty_like(logprobs) if rule.want_entropy else None
     grad_hidden = torch.empty_like(hidden) if need_h else None
@@ -150,15 +152,15 @@ def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, igno
 
 class LinearLossFunction(torch.autograd.Function):
     """forward(hidden (N, D), weight (V, D), bias | None, targets (N,), rule, temperature, ignore_index,
-    backend, needs) -> (loss fp32 scalar, logprobs (N,), entropy (N,) | empty); only the loss is
+    backend, needs, group_ends) -> (loss fp32 scalar, logprobs (N,), entropy (N,) | empty); only the loss is
     differentiable, once (create_graph=True is refused). Saves the finished gradients (dH in hidden's
     dtype, dW and db fp32), never the inputs: the backward is three scalings and no GEMM;
     retain_graph keeps them for another backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs):
+    def forward(ctx, hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs, group_ends):
         logprobs, entropy, grads = forward_with_gradient(hidden, weight, bias, targets, rule, temperature,
-                                                         ignore_index, backend, needs)
+                                                         ignore_index, backend, needs, group_ends)
         loss = rule.value(logprobs, entropy)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has = [g is not None for g in grads]
@@ -175,15 +177,18 @@ class LinearLossFunction(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         scale = grad_loss.float()
         grads = [_scaled(next(saved), scale, dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_index, backend):
+def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_index, backend, group_ends=None):
     """loss = rule's loss of lp = log softmax((hidden @ weight.T + bias) / temperature)[targets] (and H),
     its gradient made in the forward (three GEMMs) when any of hidden, weight, bias needs one.
 
     hidden (N, D), weight (V, D) of one dtype (bf16/fp16/fp32), bias (V,) | None, targets (N,) int
-    (ignore_index rows: lp = H = 0, no gradient); backend "torch" | "triton" (checked by the caller).
+    (ignore_index rows: lp = H = 0, no gradient); backend "torch" | "triton" (checked by the caller);
+    group_ends: None, or increasing row indices ending the row groups (sequences, pairs) that a
+    chunk never splits, for a rule whose per-token gradient depends on its whole group (DPO's
+    depends on the pair's summed log-probs): the rule then sees whole groups in every chunk.
     Returns (loss fp32 scalar, logprobs (N,) fp32 detached, entropy (N,) fp32 detached | None).
     """
     grad_on = torch.is_grad_enabled()
@@ -193,8 +198,8 @@ def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_inde
     with torch.autocast(hidden.device.type, enabled=False):
         if not any(needs):
             logprobs, entropy, _ = forward_with_gradient(hidden, weight, bias, targets, rule, temperature,
-                                                         ignore_index, backend, needs)
+                                                         ignore_index, backend, needs, group_ends)
             return rule.value(logprobs, entropy), logprobs, entropy
         loss, logprobs, entropy = LinearLossFunction.apply(hidden, weight, bias, targets, rule, float(temperature),
-                                                           int(ignore_index), backend, needs)
+                                                           int(ignore_index), backend, needs, group_ends)
     return loss, logprobs, entropy if rule.want_entropy else None

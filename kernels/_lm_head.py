@@ -83,22 +83,44 @@ def rows_per_chunk(n_rows, vocab, device, element_bytes=4, weight_grad=False):
     return max(1, min(n_rows, budget // (vocab * element_bytes)))
 
 
-def chunk_plan(n_rows, weight, bias, backend, n_buffers=1, weight_grad=False):
+def group_chunks(group_ends, size):
+    """(start, end) chunks of whole row groups: group i is rows [group_ends[i-1], group_ends[i]) (the
+    first starts at 0); groups are packed in order while a chunk holds at most `size` rows, and a
+    group longer than `size` is a chunk of its own. group_ends: increasing ints, the last = n_rows."""
+    chunks, start, previous = [], 0, 0
+    for end in group_ends:
+        if end - start > size and previous > start:  # this group does not fit: close the chunk before it
+            chunks.append((start, previous))
+            start = previous
+        previous = end
+    if previous > start:
+        chunks.append((start, previous))
+    return chunks
+
+
+def chunk_plan(n_rows, weight, bias, backend, n_buffers=1, weight_grad=False, group_ends=None):
     """What a loop over the row chunks of an LM head needs on `backend`: (w, b, chunks, buffers).
 
     w: weight (V, D) as the chunk GEMMs take it, GEMM_DTYPE[backend]; b: bias (V,) in fp32, or
     None; chunks: (start, end) row ranges covering [0, n_rows) within the device's chunk budget
-    (rows_per_chunk; weight_grad: the loop accumulates d weight); buffers: n_buffers (chunk rows,
-    V) logits buffers of w's dtype, reused by every chunk.
+    (rows_per_chunk; weight_grad: the loop accumulates d weight), or, with group_ends, whole row
+    groups (group_chunks: a loss whose per-token gradient needs its whole sequence or pair);
+    buffers: n_buffers (chunk rows, V) logits buffers of w's dtype, reused by every chunk.
     """
     gemm_dtype = GEMM_DTYPE[backend]
     w = weight if gemm_dtype is None else weight.to(gemm_dtype)
     b = None if bias is None else bias.float()
     vocab = weight.shape[0]
     size = rows_per_chunk(n_rows, vocab, weight.device, w.element_size(), weight_grad)
+    if group_ends is None:
+        chunks = [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+    else:
+        chunks = group_chunks(group_ends, size)
+        if chunks and chunks[-1][1] != n_rows:
+            raise ValueError(f"row groups end at {chunks[-1][1]}, expected the last at n_rows={n_rows}")
+        size = max([size, *(end - start for start, end in chunks)])
     buffers = [torch.empty(size, vocab, device=weight.device, dtype=w.dtype) for _ in range(n_buffers)]
-    starts = range(0, n_rows, size)
-    return w, b, [(start, min(start + size, n_rows)) for start in starts], buffers
+    return w, b, chunks, buffers
 
 
 def chunk_logits(hidden, w, buffer, start, end):

@@ -477,3 +477,54 @@ def test_two_runs_are_bitwise_equal_and_every_output_is_written(backend, loss, d
         torch.utils.deterministic.fill_uninitialized_memory = False
     for a, b in zip([first[0], *first[1]], [second[0], *second[1]]):
         assert torch.isfinite(b).all() and torch.equal(a, b)
+
+
+class SequenceSigmoidRule:
+    """A DPO-shaped loss on the shared head: loss = -sum_s logsigmoid(beta S_s) with S_s the summed
+    log-probs of row group s, so d loss / d lp_t = -beta sigmoid(-beta S_s) for each token t of s: a
+    gradient known only once the whole group's log-probs are. Checks that every chunk holds whole
+    groups and that every row is seen once."""
+
+    want_entropy = False
+
+    def __init__(self, group_ends, beta):
+        ends = torch.tensor(group_ends)
+        self.group = torch.repeat_interleave(torch.arange(len(group_ends)), torch.diff(ends, prepend=torch.tensor([0])))
+        self.bounds, self.beta, self.seen = {0, *group_ends}, beta, []
+
+    def grad(self, rows, logprobs, entropy):
+        assert rows.start in self.bounds and rows.stop in self.bounds, f"chunk {rows} splits a group"
+        self.seen.append((rows.start, rows.stop))
+        group = self.group[rows].to(logprobs.device)
+        group = group - group[0]
+        sums = torch.zeros(int(group[-1]) + 1, device=logprobs.device).index_add_(0, group, logprobs)
+        return (-self.beta * torch.sigmoid(-self.beta * sums))[group], None
+
+    def value(self, logprobs, entropy):
+        sums = torch.zeros(len(self.bounds) - 1, device=logprobs.device).index_add_(
+            0, self.group.to(logprobs.device), logprobs)
+        return -F.logsigmoid(self.beta * sums).sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_group_level_rule_sees_whole_groups(backend, device):
+    """The mechanism a fused DPO loss builds on: with group_ends, no chunk splits a group (one longer
+    than a chunk gets a chunk of its own), and the loss and every gradient match the fp64 spec."""
+    lengths = [5, 30, 70, 1, 20, 13, 48, 9]  # the small_chunks fixture holds 48 rows of V=257 fp32
+    group_ends = torch.tensor(lengths).cumsum(0).tolist()
+    hidden, weight, bias, targets = make_inputs(group_ends[-1], 16, 257, ignore_every=7)
+    rule = SequenceSigmoidRule(group_ends, beta=0.1)
+    h, w, b = leaves_on(device, hidden, weight, bias)
+    loss, lp, _ = _fused_loss.linear_loss(h, w, b, targets.to(device), rule, temperature=1.0, ignore_index=-100,
+                                          backend=backend, group_ends=group_ends)
+    loss.backward()
+    assert sorted(rule.seen) == rule.seen and rule.seen[0][0] == 0 and rule.seen[-1][1] == group_ends[-1]
+    assert all(a[1] == b[0] for a, b in zip(rule.seen, rule.seen[1:])) and len(rule.seen) >= 4
+
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    lp64, _ = reference.token_logprobs(h64, w64, targets, bias=b64)
+    sums = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, rule.group, lp64)
+    want = -F.logsigmoid(0.1 * sums).sum()
+    want.backward()
+    assert_rel_close(loss, want, 1e-5, "loss")
+    check_grads([h.grad, w.grad, b.grad], [h64.grad, w64.grad, b64.grad], 1e-5)
