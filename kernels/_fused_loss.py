@@ -16,7 +16,8 @@ upstream scalar gradient. Nothing (N, V) is ever held, and nothing fp32 (N, D): 
 the chunk buffer(s), dH (an output) and, when the head is trained, the fp32 dW.
 
 A rule (TokenGradientRule) is the only thing a loss supplies; this file never knows which loss it
-runs. When no input needs a gradient (no_grad, or frozen hidden, weight and bias) the rule's
+runs. A rule whose gradient needs a whole sequence or pair (DPO: the pair's summed log-probs) gets
+chunks that never split one (group_ends). When no input needs a gradient (no_grad, or frozen hidden, weight and bias) the rule's
 gradient is never asked for and no gradient GEMM runs: the forward alone.
 """
 from typing import Protocol
