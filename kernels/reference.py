@@ -172,22 +172,40 @@ def masked_whiten(x, mask, *, shift_mean=True):
     return whitened * mask
 
 
+def aggregate(per_token, mask, loss_agg="token-mean", loss_norm=None):
+    """A (B, T) per-token loss aggregated over the mask: "token-mean" (sum / tokens of the batch),
+    "seq-mean-token-mean" (mean over rows with tokens of each row's token-mean) or
+    "seq-mean-token-sum-norm" (mean over rows with tokens of each row's token sum / loss_norm)."""
+    mask = mask.to(F64)
+    if loss_agg == "token-mean":
+        return masked_mean(per_token, mask)
+    rows = mask.sum(-1) > 0
+    sums = (per_token * mask).sum(-1)[rows]
+    if loss_agg == "seq-mean-token-mean":
+        return (sums / mask.sum(-1)[rows]).mean()
+    if loss_agg == "seq-mean-token-sum-norm":
+        return (sums / loss_norm).mean()
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
 def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, ref_logprobs=None,
                     bias=None, clip_low=0.2, clip_high=0.2, kl_coef=0.0, kl_estimator="k3",
-                    entropy_coef=0.0, temperature=1.0):
-    """token-mean over mask of [clipped surrogate + kl_coef x KL(lp, ref) - entropy_coef x entropy]."""
+                    entropy_coef=0.0, temperature=1.0, loss_agg="token-mean", loss_norm=None):
+    """loss_agg over mask of [clipped surrogate + kl_coef x KL(lp, ref) - entropy_coef x entropy]."""
     logprobs, entropy = token_logprobs(hidden, weight, targets.masked_fill(mask == 0, 0), bias=bias,
                                        temperature=temperature, return_entropy=True)
     maskf = mask.to(F64)
-    policy, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask,
-                                    clip_low=clip_low, clip_high=clip_high)
-    loss = policy - entropy_coef * masked_mean(entropy, maskf)
+    _, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high)
+    ratio = torch.exp(logprobs.to(F64) - old_logprobs.to(F64))
+    adv = advantages.to(F64)
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    per_token = per_token - entropy_coef * entropy
     stats = dict(stats, entropy=masked_mean(entropy, maskf))
     if ref_logprobs is not None:
-        kl = masked_mean(kl_penalty(logprobs, ref_logprobs, kl_estimator), maskf)
-        loss = loss + kl_coef * kl
-        stats["kl"] = kl
-    return loss, stats
+        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = masked_mean(kl, maskf)
+    return aggregate(per_token, maskf, loss_agg, loss_norm), stats
 
 
 def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", temperature=1.0):

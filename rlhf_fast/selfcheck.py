@@ -33,6 +33,8 @@ def cases(device):
            lambda: R.token_logprobs(hidden, weight, targets)[0], ("torch", "triton"))
     yield ("token_kl", lambda b: K.token_kl(hidden, ref_hidden, weight, targets, backend=b),
            lambda: R.token_kl(hidden, ref_hidden, weight, targets), ("torch", "triton"))
+    yield ("linear_nll_loss", lambda b: K.linear_nll_loss(hidden, weight, targets, backend=b),
+           lambda: R.linear_nll_loss(hidden, weight, targets)[0], ("torch", "triton"))
 
     rows, cols = 13, 70
     mask = _response_mask(rows, cols, device)

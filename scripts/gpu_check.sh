@@ -121,9 +121,9 @@ else
   record bench.ppo_step skipped "" "bench/ppo_step.py is absent"
   echo "-- bench.ppo_step: skipped (bench/ppo_step.py is absent)"
 fi
-run_step bench.logprobs 100 "$py" -m bench.logprobs --device cuda --quick --entropy
+run_step bench.logprobs 130 "$py" -m bench.logprobs --device cuda --quick --entropy
 run_step bench.linear_ppo 60 "$py" -m bench.linear_ppo
-run_step bench.gae 40 "$py" -m bench.gae
+run_step bench.gae 30 "$py" -m bench.gae
 run_step bench.ppo_loss 25 "$py" -m bench.ppo_loss
 
 # 3. every kernel against its fp64 reference, one line each (the smoke test a user runs; the suite

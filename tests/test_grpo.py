@@ -73,3 +73,38 @@ def test_group_estimators_need_groups_and_critic_free_ones_no_value_init(tiny_mo
         grpo_config(tiny_model_dir, tmp_path, samples_per_prompt=3)
     with pytest.raises(ConfigError, match="value_init_from_reward: grpo trains no value function"):
         grpo_config(tiny_model_dir, tmp_path, value_init_from_reward=True)
+
+
+class GradientCapture:
+    """Stands in for the optimiser step: keeps each step's gradients and clears them."""
+
+    def __init__(self, trainer):
+        self.params, self.grads = trainer.params, []
+
+    def __call__(self, loss):
+        self.grads.append([p.grad.clone() for p in self.params])
+        for p in self.params:
+            p.grad = None
+        return 0.0
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_add_up_to_the_minibatch_under_every_aggregate(tiny_model_dir, tmp_path, loss_agg):
+    """The same minibatch in micro-batches of 1 or of 4 gives the same gradient: each micro-batch's
+    loss is weighted by its share of the minibatch's tokens (or responses)."""
+    trainer = ppo.PPOTrainer(grpo_config(tiny_model_dir, tmp_path, loss_agg=loss_agg, micro_batch_size=1,
+                                         max_new_tokens=6))
+    rollout, rows = trainer.rollout()
+    exp = trainer.make_experience(rollout, trainer.score(rollout, rows)[0])
+    trainer.compute_advantages(exp)
+    response = exp.rollout.response_mask
+    for row, cut in ((5, 3), (2, 1)):  # ragged responses, so token shares and response shares differ
+        last = int(response[row].nonzero().max())
+        response[row, last - cut + 1:last + 1] = 0
+    capture = GradientCapture(trainer)
+    trainer.stepper = capture
+    trainer._update(exp, [0, 5, 2, 7])
+    trainer.config.micro_batch_size = 4
+    trainer._update(exp, [0, 5, 2, 7])
+    for one, four in zip(*capture.grads):
+        assert torch.allclose(one, four, rtol=1e-4, atol=1e-7)

@@ -232,3 +232,44 @@ def test_linear_ppo_loss_rejects_mismatched_shapes():
         linear_ppo_loss(**dict(inputs, advantages=inputs["advantages"].flatten()), **options)
     with pytest.raises(ValueError, match="unknown KL estimator"):
         linear_ppo_loss(**inputs, **dict(options, kl_estimator="k9"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_sequence_aggregates_match_a_formula_written_here(backend, loss_agg):
+    """GRPO's per-sequence mean and Dr. GRPO's constant-normalised sum: per-token loss in fp64,
+    each row's token-mean (or token-sum / 11), averaged over rows with tokens; loss and gradients."""
+    inputs, options = problem((4, 13), torch.float32, with_ref=True, kl_coef=0.1, entropy_coef=0.01)
+    inputs["mask"][2] = False  # a row with no response tokens does not count
+    h, w = inputs["hidden"].double().requires_grad_(), inputs["weight"].double().requires_grad_()
+    mask = inputs["mask"]
+    logprobs, entropy = reference.token_logprobs(h, w, inputs["targets"].masked_fill(~mask, -100),
+                                                 return_entropy=True)
+    ratio = torch.exp(logprobs - inputs["old_logprobs"].double())
+    adv = inputs["advantages"].double()
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)) - 0.01 * entropy
+    d = logprobs - options["ref_logprobs"].double()
+    per_token = per_token + 0.1 * (torch.exp(-d) - 1 + d)  # k3
+    sums = (per_token * mask).sum(-1)
+    lengths = mask.sum(-1)
+    rows = lengths > 0
+    expected = (sums[rows] / (lengths[rows] if loss_agg == "seq-mean-token-mean" else 11)).mean()
+    expected.backward()
+    loss, _, dh, dw, _ = run_ours(backend, inputs, dict(options, kl_coef=0.1, entropy_coef=0.01,
+                                                        loss_agg=loss_agg, loss_norm=11))
+    assert_rel_close(loss, expected, 1e-5, "loss")
+    assert_rel_close(dh, h.grad, 1e-5, "d hidden")
+    assert_rel_close(dw, w.grad, 1e-5, "d weight")
+    spec, _ = reference.linear_ppo_loss(h.detach(), w.detach(), inputs["targets"], inputs["old_logprobs"],
+                                        inputs["advantages"], mask, ref_logprobs=options["ref_logprobs"],
+                                        kl_coef=0.1, entropy_coef=0.01, loss_agg=loss_agg, loss_norm=11)
+    assert_rel_close(spec, expected, 1e-10, "reference spec")
+
+
+def test_sequence_aggregates_need_rows_and_sum_norm_its_constant():
+    inputs, options = problem((37,), torch.float32)
+    with pytest.raises(ValueError, match="needs a \\(B, T\\) mask"):
+        linear_ppo_loss(**inputs, loss_agg="seq-mean-token-mean")
+    inputs, options = problem((3, 13), torch.float32)
+    with pytest.raises(ValueError, match="needs loss_norm > 0"):
+        linear_ppo_loss(**inputs, loss_agg="seq-mean-token-sum-norm")

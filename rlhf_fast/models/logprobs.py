@@ -7,7 +7,7 @@ module itself is never called, so the (B, T, V) logits are never made.
 import torch
 
 from rlhf_fast.device import check_same_device
-from rlhf_fast.kernels import token_logprobs
+from rlhf_fast.kernels import linear_nll_loss, token_logprobs
 from rlhf_fast.models.trunk import fusable_head, last_hidden, packed_hidden
 
 IGNORE_INDEX = -100
@@ -65,9 +65,18 @@ def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, 
 
 
 def response_nll(model, input_ids, attention_mask, response_start):
-    """Summed negative log-likelihood of the response tokens (prompt and padding give 0)."""
-    logprobs, _ = sequence_logprobs(model, input_ids, attention_mask, response_start=response_start)
-    return -logprobs.sum()
+    """Summed negative log-likelihood of the response tokens (prompt and padding give 0), through
+    linear_nll_loss: its gradient is made in the forward (three LM-head GEMMs, not four), and only
+    the response positions go through the head."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"response_nll: input_ids and attention_mask must both be (B, T), got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    check_same_device("response_nll", model, input_ids=input_ids, attention_mask=attention_mask)
+    head = fusable_head(model)
+    hidden = last_hidden(model, input_ids, attention_mask)
+    counted = counted_positions(attention_mask, response_start)          # (B, T-1)
+    return linear_nll_loss(hidden[:, :-1][counted], head.weight, input_ids[:, 1:][counted], bias=head.bias,
+                           reduction="sum")
 
 
 def packed_response_nll(model, input_ids, position_ids, targets):
@@ -75,5 +84,4 @@ def packed_response_nll(model, input_ids, position_ids, targets):
     check_same_device("packed_response_nll", model, input_ids=input_ids, targets=targets)
     head = fusable_head(model)
     hidden = packed_hidden(model, input_ids, position_ids)
-    logprobs, _ = token_logprobs(hidden[:, :-1], head.weight, targets, bias=head.bias)
-    return -logprobs.sum()
+    return linear_nll_loss(hidden[:, :-1], head.weight, targets, bias=head.bias, reduction="sum")

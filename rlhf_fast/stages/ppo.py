@@ -65,6 +65,11 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     kl_coef: float = option(0.05, "initial beta of the KL penalty to the reference", min=0.0)
     kl_estimator: str = option("k1", "per-token KL estimator: k1, k2 or k3 (GRPO uses k3)",
                                choices=kernels.KL_ESTIMATORS)
+    loss_agg: str = option("token-mean", "how token losses make the loss: 'token-mean' (over the minibatch's "
+                                         "tokens), 'seq-mean-token-mean' (GRPO's paper: each response's mean, "
+                                         "then the mean), 'seq-mean-token-sum-norm' (Dr. GRPO: each response's "
+                                         "sum / max_new_tokens, then the mean)",
+                           choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     kl_mode: str = option("auto", "where the KL goes: 'reward' (per token, InstructGPT; summed per sequence "
                                   "for the group estimators), 'loss' (beta x KL term, GRPO), 'auto' (loss for "
                                   "grpo / dr_grpo / rloo, reward otherwise)", choices=("auto", "reward", "loss"))
@@ -132,6 +137,9 @@ class GRPOConfig(PPOConfig):
     kl_estimator: str = option("k3", "per-token KL estimator: k1, k2 or k3 (GRPO uses k3)",
                                choices=kernels.KL_ESTIMATORS)
     ppo_epochs: int = option(1, "passes over each rollout batch", min=1)
+    loss_agg: str = option("seq-mean-token-mean", "'seq-mean-token-mean' (GRPO's paper), 'token-mean', or "
+                                                  "'seq-mean-token-sum-norm' (Dr. GRPO: sum / max_new_tokens)",
+                           choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
 class AdaptiveKLController:
@@ -324,21 +332,25 @@ class PPOTrainer:
     def _update(self, exp: Experience, minibatch: list[int]) -> dict:
         c = self.config
         r = exp.rollout
-        tokens = r.response_mask[minibatch].sum().clamp_min(1)
+        minibatch_mask = r.response_mask[minibatch]
+        tokens = minibatch_mask.sum().clamp_min(1)
+        sequences = (minibatch_mask.sum(-1) > 0).sum().clamp_min(1)
         stats: dict[str, float] = {}
         minibatch_loss = 0.0
         for first in range(0, len(minibatch), c.micro_batch_size):
             rows = torch.tensor(minibatch[first:first + c.micro_batch_size], device=self.device)
             mask = r.response_mask[rows]
-            # micro-batch losses are token-means; weight by token share so the sum is the minibatch's
-            share = mask.sum() / tokens
+            # a micro-batch's loss aggregates its own tokens (or responses); weighted by its share of
+            # the minibatch's, the micro-batches add up to the minibatch's loss
+            share = (mask.sum() / tokens if c.loss_agg == "token-mean"
+                     else (mask.sum(-1) > 0).sum() / sequences)
             head, values = self.actor(r.input_ids[rows], r.attention_mask[rows], mask)
             kl_term = ({"ref_logprobs": exp.ref_logprobs[rows], "kl_coef": self.kl_ctl.beta,
                         "kl_estimator": c.kl_estimator} if c.kl_in_loss else {})
             policy_loss, policy_stats = kernels.linear_ppo_loss(
                 head.hidden, head.weight, head.targets, exp.old_logprobs[rows], exp.advantages[rows], mask,
                 bias=head.bias, clip_low=c.clip_low, clip_high=c.clip_high, entropy_coef=c.entropy_coef,
-                temperature=c.temperature, **kl_term)
+                temperature=c.temperature, loss_agg=c.loss_agg, loss_norm=c.max_new_tokens, **kl_term)
             terms = {"ppo/policy_loss": policy_loss, **{f"ppo/{k}": v for k, v in policy_stats.items()}}
             loss = policy_loss
             if values is not None:
