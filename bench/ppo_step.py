@@ -47,6 +47,7 @@ after each provider (or each turn), "complete": false until the last one finishe
 (SIGINT, e.g. scripts/gpu_check.sh's time limit) writes what it measured and exits 130.
 """
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -228,15 +229,18 @@ class Parent:
             raise SystemExit("ppo_step: the parent process is gone")
 
 
-def run_rlhf_fast(spec: dict, parent: Parent) -> None:
-    """rlhf_fast's PPO, each phase timed by calling PPOTrainer's public methods in step()'s order."""
-    from rlhf_fast.stages.ppo import PPOConfig, PPOTrainer
+def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
+    """rlhf_fast's PPO (or, grpo, its GRPO: groups of 4 samples per prompt, no critic, k3 KL as a loss
+    term; as many sequences per iteration), each phase timed by calling PPOTrainer's public methods in
+    step()'s order."""
+    from rlhf_fast.stages.ppo import GRPOConfig, PPOConfig, PPOTrainer
 
     shape, clock, device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
     rss_after_imports = _status_mb("VmRSS")
     began = clock()
-    config = PPOConfig(
-        model=spec["paths"]["model"], reward_model=spec["paths"]["reward"], prompts=spec["paths"]["prompts"],
+    config_class, extra = (GRPOConfig, {"samples_per_prompt": 4}) if grpo else (PPOConfig, {})
+    config = config_class(
+        **extra, model=spec["paths"]["model"], reward_model=spec["paths"]["reward"], prompts=spec["paths"]["prompts"],
         output_dir=str(Path(spec["workdir"]) / "rlhf_fast-run"), overwrite=True, device=device,
         dtype=spec["dtype"], attn_implementation=spec["attn"], seed=SEED, lora_r=LORA["r"],
         lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target_modules=LORA["target_modules"],
@@ -249,9 +253,9 @@ def run_rlhf_fast(spec: dict, parent: Parent) -> None:
     for _ in range(config.iterations):
         parent.wait()
         marks = [clock()]
-        rollout, safety_prompt = trainer.rollout()
+        rollout, rows = trainer.rollout()
         marks.append(clock())
-        scores, _ = trainer.score(rollout, safety_prompt)
+        scores, _ = trainer.score(rollout, rows)
         marks.append(clock())
         experience = trainer.make_experience(rollout, scores)
         marks.append(clock())
@@ -385,7 +389,7 @@ def run_trl(spec: dict, parent: Parent) -> None:
     parent.report(event="done", status="ok", peak_mb=peak_mb(device))
 
 
-CHILDREN = {OURS: run_rlhf_fast, TRL: run_trl}
+CHILDREN = {OURS: run_rlhf_fast, OURS_GRPO: functools.partial(run_rlhf_fast, grpo=True), TRL: run_trl}
 
 
 def child_main(provider: str, spec_path: str) -> None:
@@ -604,7 +608,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: tiny on the CPU, llama-3.2-1b on CUDA")
     parser.add_argument("--iterations", type=int, help="steady iterations timed (default 5 on the CPU, 3 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="first iterations reported apart (default 1)")
-    parser.add_argument("--providers", default=f"{OURS},{TRL}", help=f"comma-separated, of {OURS!r}, {TRL!r}")
+    parser.add_argument("--providers", default=f"{OURS},{OURS_GRPO},{TRL}",
+                        help=f"comma-separated, of {OURS!r}, {OURS_GRPO!r}, {TRL!r}")
     parser.add_argument("--sequential", action="store_true",
                         help="on the CPU too, run the providers one after the other (default there: they take "
                              "turns iteration by iteration; on CUDA they always run one after the other)")
@@ -649,8 +654,7 @@ def main(argv=None) -> int:
         def rows_now() -> list[dict]:
             rows = [row for p in providers for row in provider_rows(label, p.name, p.result(), args.warmup, total)]
             compare(rows, trl_name)
-            rows += [{"shape": label, "mode": "iteration", "provider": name, "status": NOT_YET}
-                     for name in (OURS_GRPO, TRL_GRPO)]
+            rows += [{"shape": label, "mode": "iteration", "provider": TRL_GRPO, "status": NOT_YET}]
             if not cuda:  # the GPU shapes wait for a GPU run
                 rows += [{"shape": shape_label(SHAPES[name], "bf16") + " (GPU)", "mode": "iteration",
                           "provider": "all", "status": "not run (no CUDA device)"} for name in GPU_SHAPES]
