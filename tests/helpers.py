@@ -101,3 +101,20 @@ def spy_kernel_launches(monkeypatch, module, name, record: list):
             return call
 
     monkeypatch.setattr(module, name, Spy())
+
+
+def make_inputs(n, d, v, dtype=torch.float32, bias=True, ignore_every=5):
+    """CPU leaves (the same on every machine; the tests move them to their device): logits of std ~2,
+    every ignore_every-th target from row 1 on is -100."""
+    hidden = torch.randn(n, d).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d) / d ** 0.5 * 2).to(dtype).requires_grad_()
+    b = (torch.randn(v) * 0.5).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,))
+    targets[1::ignore_every] = -100
+    return hidden, weight, b, targets
+
+
+def leaves_on(device, *tensors):
+    """Fresh leaf copies on device, each requiring grad if the original does (None stays None)."""
+    return [None if x is None else x.detach().to(device, copy=True).requires_grad_(x.requires_grad)
+            for x in tensors]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import GemmCounter, assert_rel_close, relative_error, spy_kernel_launches
+from helpers import GemmCounter, assert_rel_close, leaves_on, make_inputs, relative_error, spy_kernel_launches
 from rlhf_fast.kernels import _fused_loss, _lm_head, linear_nll_loss, linear_ppo_loss, reference, token_logprobs
 
 pytestmark = pytest.mark.usefixtures("small_chunks")
@@ -21,23 +21,6 @@ BACKENDS = ["torch", "triton"]
 # (N, D, V): a single logit (every log-prob 0, every gradient exactly 0), N=1, and none a multiple
 # of a block or of the small_chunks fixture's chunk.
 SHAPES = [(1, 1, 1), (1, 16, 50), (37, 24, 257), (130, 48, 3001)]
-
-
-def make_inputs(n, d, v, dtype=torch.float32, bias=True, ignore_every=5):
-    """CPU leaves (the same on every machine): logits of std ~2, every ignore_every-th target from
-    row 1 on is -100."""
-    hidden = torch.randn(n, d).to(dtype).requires_grad_()
-    weight = (torch.randn(v, d) / d ** 0.5 * 2).to(dtype).requires_grad_()
-    b = (torch.randn(v) * 0.5).to(dtype).requires_grad_() if bias else None
-    targets = torch.randint(0, v, (n,))
-    targets[1::ignore_every] = -100
-    return hidden, weight, b, targets
-
-
-def leaves_on(device, *tensors):
-    """Fresh leaf copies on device, each requiring grad if the original does (None stays None)."""
-    return [None if x is None else x.detach().to(device, copy=True).requires_grad_(x.requires_grad)
-            for x in tensors]
 
 
 def run(loss_fn, hidden, weight, bias, targets, device, upstream=1.0, **kw):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_rel_close, relative_error
+from helpers import assert_rel_close, leaves_on, make_inputs, relative_error
 from rlhf_fast.kernels import _lm_head, reference, token_logprobs
 
 pytestmark = pytest.mark.usefixtures("small_chunks")
@@ -12,22 +12,6 @@ pytestmark = pytest.mark.usefixtures("small_chunks")
 BACKENDS = ["torch", "triton"]
 # (N, D, V): none a multiple of a block; N=1 and a ragged last chunk included.
 SHAPES = [(1, 16, 50), (37, 24, 257), (130, 48, 1000), (300, 96, 3001)]
-
-
-def make_inputs(n, d, v, dtype=torch.float32, bias=True, ignore_every=5):
-    """CPU inputs (the same on every machine); the tests move them to their device."""
-    hidden = torch.randn(n, d).to(dtype).requires_grad_()
-    weight = (torch.randn(v, d) / d ** 0.5 * 2).to(dtype).requires_grad_()
-    b = (torch.randn(v) * 0.5).to(dtype).requires_grad_() if bias else None
-    targets = torch.randint(0, v, (n,))
-    targets[1::ignore_every] = -100
-    return hidden, weight, b, targets
-
-
-def leaves_on(device, *tensors):
-    """Fresh leaf copies on device, each requiring grad if the original does (None stays None)."""
-    return [None if x is None else x.detach().to(device, copy=True).requires_grad_(x.requires_grad)
-            for x in tensors]
 
 
 def run(fn, hidden, weight, bias, targets, grad_lp, grad_ent, device="cpu", **kw):

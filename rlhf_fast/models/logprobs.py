@@ -34,6 +34,19 @@ def next_token_targets(input_ids, counted):
     return input_ids[:, 1:].masked_fill(counted == 0, IGNORE_INDEX)
 
 
+def counted_head_inputs(where: str, model, input_ids, attention_mask, response_start=None):
+    """(LM head, hidden (M, D), targets (M,), counted (B, T-1)) of a batch's counted positions: the
+    trunk runs once and only the M counted positions go on to the fused head."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{where}: input_ids and attention_mask must both be (B, T), got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    check_same_device(where, model, input_ids=input_ids, attention_mask=attention_mask)
+    head = fusable_head(model)
+    hidden = last_hidden(model, input_ids, attention_mask)
+    counted = counted_positions(attention_mask, response_start)     # (B, T-1)
+    return head, hidden[:, :-1][counted], input_ids[:, 1:][counted], counted
+
+
 def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, temperature=1.0,
                       return_entropy=False):
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for a causal LM, through the fused LM head.
@@ -45,19 +58,11 @@ def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, 
     0 where not counted (see counted_positions). Gradients flow to the trunk (and its adapters)
     and to the head if it requires grad. Never calls the LM head module, never makes (B, T, V).
     """
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"sequence_logprobs: input_ids and attention_mask must both be (B, T), got "
-                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-    check_same_device("sequence_logprobs", model, input_ids=input_ids, attention_mask=attention_mask)
-    head = fusable_head(model)
-    hidden = last_hidden(model, input_ids, attention_mask)
-
-    counted = counted_positions(attention_mask, response_start)     # (B, T-1)
-    picked_hidden = hidden[:, :-1][counted]                           # (M, D), M counted tokens
-    picked_targets = input_ids[:, 1:][counted]                        # (M,)
+    head, picked_hidden, picked_targets, counted = counted_head_inputs("sequence_logprobs", model, input_ids,
+                                                                       attention_mask, response_start)
     logprobs, entropy = token_logprobs(picked_hidden, head.weight, picked_targets, bias=head.bias,
                                        temperature=temperature, return_entropy=return_entropy)
-    zeros = torch.zeros(counted.shape, device=hidden.device, dtype=torch.float32)
+    zeros = torch.zeros(counted.shape, device=picked_hidden.device, dtype=torch.float32)
     logprobs = zeros.masked_scatter(counted, logprobs)
     if entropy is not None:
         entropy = zeros.masked_scatter(counted, entropy)
@@ -68,15 +73,9 @@ def response_nll(model, input_ids, attention_mask, response_start):
     """Summed negative log-likelihood of the response tokens (prompt and padding give 0), through
     linear_nll_loss: its gradient is made in the forward (three LM-head GEMMs, not four), and only
     the response positions go through the head."""
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"response_nll: input_ids and attention_mask must both be (B, T), got "
-                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-    check_same_device("response_nll", model, input_ids=input_ids, attention_mask=attention_mask)
-    head = fusable_head(model)
-    hidden = last_hidden(model, input_ids, attention_mask)
-    counted = counted_positions(attention_mask, response_start)          # (B, T-1)
-    return linear_nll_loss(hidden[:, :-1][counted], head.weight, input_ids[:, 1:][counted], bias=head.bias,
-                           reduction="sum")
+    head, hidden, targets, _ = counted_head_inputs("response_nll", model, input_ids, attention_mask,
+                                                   response_start)
+    return linear_nll_loss(hidden, head.weight, targets, bias=head.bias, reduction="sum")
 
 
 def packed_response_nll(model, input_ids, position_ids, targets):
