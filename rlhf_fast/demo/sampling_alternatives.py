@@ -16,6 +16,7 @@ spells " sorry" in bytes, the same run raised safety on tool requests less and l
 Standalone (builds both SFT models first): python -m rlhf_fast.demo.sampling_alternatives --seed 0
 """
 import argparse
+import functools
 import json
 import random
 import time
@@ -36,6 +37,21 @@ TRAIN_KEYS = {"lora_r": 0, "learning_rate": 1e-3, "batch_size": 32, "micro_batch
 # 8% were "good" in round 1 and the policy collapsed to byte noise by round 3 (seed 0: oracle -2.4).
 HIR_TEMPLATE, HIR_GOAL, HIR_FAILURE, GOOD_SCORE = "{prompt} {instruction}:", "good", "bad", 1.0
 HIR_ROUNDS = 5
+
+
+def one_torch_thread(function):
+    """Run `function` with one torch thread: the demo's 64-wide model gains nothing from a second
+    one, and on a busy 2-core machine two threads contend (seed 0, load 4-5: the three rows took
+    330 s with two threads, 15 s with one; the figures are the same)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
 
 
 def held_out(seed: int) -> list[str]:
@@ -80,6 +96,7 @@ def safety_row(model_dir: Path, seed: int) -> dict:
 # -------------------------------------------------------------------------------------------------
 # ReST
 
+@one_torch_thread
 def run_rest_rows(output: Path, sft_dir: Path, seed: int) -> dict:
     """{"sft": ..., "rest": ...}: ReST with the oracle as its reward function (2 Grow steps of 4
     samples per prompt, Improve steps at the 50th and 80th percentiles)."""
@@ -104,6 +121,7 @@ def good_answer_feedback(prompts: list[str], completions: list[str], **fields) -
     return [HIR_GOAL if task.oracle_score(p, c) >= GOOD_SCORE else HIR_FAILURE for p, c in zip(prompts, completions)]
 
 
+@one_torch_thread
 def run_hir_rows(output: Path, sft_dir: Path, seed: int) -> dict:
     """{"hir": ...}: 5 HIR rounds (4 samples per prompt, relabelled good / bad by the scripted
     feedback, with the contrastive term), the policy then asked with the goal instruction."""
@@ -152,6 +170,7 @@ def tool_reviser(prompts, responses, critiques, revision_requests, principles) -
     return revisions
 
 
+@one_torch_thread
 def run_cai_rows(output: Path, sft_dir: Path, seed: int) -> dict:
     """{"before": ..., "after": ...}: safety and helpfulness of the SFT model and of the SL-CAI model
     (one critique-revision round of every response, scripted critic and reviser)."""
@@ -170,6 +189,7 @@ def run_cai_rows(output: Path, sft_dir: Path, seed: int) -> dict:
     return rows
 
 
+@one_torch_thread
 def main(argv=None) -> dict:
     from rlhf_fast.demo.steps import begin_demo, sft_on_demonstrations
 
