@@ -4,17 +4,15 @@ a model (HIR's feedback, CAI's critic, reviser and judge), called by name ('modu
 keyword arguments and checked: one value per input, of the right kind, or a one-line error naming
 the function and the first prompt.
 """
-import importlib
 import math
-import os
 import string
-import sys
 
 import torch
 
 from rlhf_fast import data
 from rlhf_fast.config import ConfigError
 from rlhf_fast.errors import UserError
+from rlhf_fast.rewards import load_reward_function
 from rlhf_fast.rollout import SamplingConfig, sample_with
 
 
@@ -23,21 +21,8 @@ class FeedbackFunctionError(UserError, ValueError):
 
 
 def load_function(name: str, role: str):
-    """The callable named 'module:function' (importable from the working directory or the Python
-    path); ConfigError naming the role ("feedback function", "critic function", ...) otherwise."""
-    module_name, _, attribute = name.partition(":")
-    if not module_name or not attribute:
-        raise ConfigError(f"{role} {name!r}: expected 'module:function'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to see, in one line
-        raise ConfigError(f"{role} {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
-    function = getattr(module, attribute, None)
-    if not callable(function):
-        raise ConfigError(f"{role} {name!r}: {module_name} has no callable {attribute!r}")
-    return function
+    """The callable named 'module:function'; ConfigError naming the role otherwise (rewards' loader)."""
+    return load_reward_function(name, role)
 
 
 def call_function(role: str, name: str, function, prompts: list[str], kind: str, **inputs) -> list:

@@ -113,21 +113,22 @@ def combine(scores: dict[str, torch.Tensor], how: str, *, safety_prompt: torch.T
     raise ValueError(f"unknown reward combination {how!r}; expected one of {COMBINATIONS}")
 
 
-def load_reward_function(name: str):
+def load_reward_function(name: str, role: str = "reward function"):
     """The callable named 'module:function' (the module importable from the working directory or
-    the Python path); ConfigError naming it when it is not."""
+    the Python path); ConfigError naming the role ("reward function", "critic function", ...) and
+    the name when it is not."""
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
-        raise ConfigError(f"reward function {name!r}: expected 'module:function'")
+        raise ConfigError(f"{role} {name!r}: expected 'module:function'")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to see, in one line
-        raise ConfigError(f"reward function {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{role} {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e})") from None
     function = getattr(module, attribute, None)
     if not callable(function):
-        raise ConfigError(f"reward function {name!r}: {module_name} has no callable {attribute!r}")
+        raise ConfigError(f"{role} {name!r}: {module_name} has no callable {attribute!r}")
     return function
 
 

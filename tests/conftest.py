@@ -53,3 +53,14 @@ def tiny_model_dir(tmp_path_factory):
     from rlhf_fast.tiny import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for tiny-model runs: on a busy 2-core machine a second thread only contends
+    (test_rest.py took 65 s with two threads at load 6, 8 s with one). Opt in with
+    pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from rlhf_fast import data
@@ -23,14 +22,7 @@ PRINCIPLES = [{"name": "tools", "critique_request": "Name the tools.", "revision
               {"name": "tag", "critique_request": "Is it tagged?", "revision_request": "Tag it."}]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread for these tiny-model runs: on a busy 2-core machine a second thread only
-    contends (test_rest.py took 65 s with two threads at load 6, 8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # scripted roles, called by name through the stage

@@ -15,14 +15,7 @@ from rlhf_fast.stages import rest
 from rlhf_fast.training import objective, supervised
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread for these tiny-model runs: on a busy 2-core machine a second thread only
-    contends (test_rest.py took 65 s with two threads at load 6, 8 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def char_reward(prompts, completions, **fields):

@@ -7,7 +7,6 @@ and a plain-NLL objective here trains the same weights as train_supervised (test
 needs only the plain NLL it calls train_supervised itself.
 """
 import json
-import shutil
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,6 @@ import torch
 from rlhf_fast.batching import batch_indices, collate
 from rlhf_fast.config import ConfigError
 from rlhf_fast.device import autocast
-from rlhf_fast.errors import CheckpointError
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm, save_model_dir
 from rlhf_fast.models.logprobs import counted_positions, sequence_logprobs
@@ -115,12 +113,4 @@ def fine_tune_step(config: SupervisedConfig, policy, train_file, output, *, enco
 def prepare_steps(config, output: Path, pattern: str, what: str) -> None:
     """A multi-step stage's output directory: one holding `pattern` directories (an earlier run) is
     refused unless config.resume (continue it) or config.overwrite (clear it first)."""
-    holds_run = any(output.glob(pattern))
-    if config.resume and config.overwrite:
-        raise CheckpointError("resume and overwrite cannot both be true")
-    if holds_run and config.overwrite:
-        shutil.rmtree(output)
-    elif holds_run and not config.resume:
-        raise CheckpointError(f"{output} already holds {what}; --resume true continues it, --overwrite true "
-                              "replaces it")
-    output.mkdir(parents=True, exist_ok=True)
+    rundir.claim(output, config, any(output.glob(pattern)), lambda: what)

@@ -32,14 +32,8 @@ def prepare(config, stage: str) -> Path:
     """
     output = Path(config.output_dir)
     holds_run = any((output / marker).exists() for marker in RUN_MARKERS)
-    if config.overwrite and config.resume:
-        raise CheckpointError("resume and overwrite cannot both be true")
-    if holds_run and config.overwrite:
-        shutil.rmtree(output)
-    elif holds_run and not config.resume:
-        raise CheckpointError(f"{output} already holds {_describe(output)}; pass --resume true to continue it or "
-                              "--overwrite true to replace it")
-    elif holds_run and _read(output).get("finished"):
+    claim(output, config, holds_run, lambda: _describe(output))
+    if holds_run and config.resume and _read(output).get("finished"):
         raise CheckpointError(f"{output} holds {_describe(output)}: there is nothing to resume (use --overwrite "
                               "true to train again, or another output_dir)")
     output.mkdir(parents=True, exist_ok=True)
@@ -48,6 +42,19 @@ def prepare(config, stage: str) -> Path:
             print(f"{stage}: removed {stale}, left by a save that was killed")
     mark(output, stage, step=0, finished=False, keep_step=True)
     return output
+
+
+def claim(output: Path, config, holds_run: bool, what) -> None:
+    """Refuse an output directory that holds a run (what() says which) unless config.resume; with
+    config.overwrite, clear it first. Then make it exist."""
+    if config.overwrite and config.resume:
+        raise CheckpointError("resume and overwrite cannot both be true")
+    if holds_run and config.overwrite:
+        shutil.rmtree(output)
+    elif holds_run and not config.resume:
+        raise CheckpointError(f"{output} already holds {what()}; pass --resume true to continue it or "
+                              "--overwrite true to replace it")
+    output.mkdir(parents=True, exist_ok=True)
 
 
 def _read(output: Path) -> dict:
