@@ -1,7 +1,8 @@
 """AI labellers (RLAIF, Lee et al. 2023): which of two responses to a prompt is better, as a probability.
 
 - LMJudge: any local causal LM reads a template that states the criteria, with the prompt and the
-  two responses filled in ({prompt}, {response_a}, {response_b}), and its preference is the
+  two responses filled in ({prompt}, {response_a}, {response_b}; optionally {criteria}, a per-pair
+  question such as a constitution's principle, RL-CAI's way), and its preference is the
   probability of the verdict tokens (" A" vs " B" by default) at the next position, renormalised
   between the two:  P_A = p(A) / (p(A) + p(B)) = sigmoid(log p(A) - log p(B)). LLM judges favour a
   position, so, as the RLAIF paper does, each pair is judged in both orders and
@@ -28,6 +29,7 @@ from rlhf_fast.models.trunk import fusable_head, last_hidden
 
 PAIRWISE = ("prompt", "response_a", "response_b")
 POINTWISE = ("prompt", "response")
+OPTIONAL = ("criteria",)  # filled per pair when the template places it
 
 DEFAULT_TEMPLATE = (
     "Which response answers the request better: more helpful, more accurate, and harmless?\n\n"
@@ -38,19 +40,25 @@ DEFAULT_POINTWISE_TEMPLATE = (
     "Request: {prompt}\n\nResponse: {response}\n\nAnswer (Yes or No):")
 
 
+def template_fields(template: str) -> set[str]:
+    """The placeholders a template names."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
 def check_template(template: str, placeholders=PAIRWISE, *, what: str = "template") -> None:
-    """ConfigError unless `template` names every placeholder and nothing else ({{ and }} are literal braces)."""
+    """ConfigError unless `template` names every placeholder, and nothing else but {criteria}
+    ({{ and }} are literal braces)."""
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise ConfigError(f"{what}: not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
     missing = [p for p in placeholders if p not in fields]
-    unknown = sorted({f for f in fields if f not in placeholders})
+    unknown = sorted({f for f in fields if f not in placeholders + OPTIONAL})
     if missing or unknown:
         problems = ([f"missing {', '.join('{' + p + '}' for p in missing)}"] if missing else []) + \
                    ([f"unknown {', '.join('{' + u + '}' for u in unknown)}"] if unknown else [])
         raise ConfigError(f"{what}: {'; '.join(problems)}; it must place "
-                          f"{', '.join('{' + p + '}' for p in placeholders)}")
+                          f"{', '.join('{' + p + '}' for p in placeholders)} (and may place {{criteria}})")
 
 
 def verdict_token_ids(tokenizer, verdicts, *, where: str = "verdicts") -> tuple[int, int]:
@@ -78,6 +86,7 @@ class LMJudge:
         fusable_head(model)
         self.pairwise = "response_a" in template
         check_template(template, PAIRWISE if self.pairwise else POINTWISE)
+        self.uses_criteria = "criteria" in template_fields(template)
         self.model, self.tokenizer, self.template, self.chat = model, tokenizer, template, chat
         self.verdict_ids = verdict_token_ids(tokenizer, verdicts)
         self.batch_size, self.max_length = batch_size, max_length
@@ -93,10 +102,14 @@ class LMJudge:
                                trust_remote_code=trust_remote_code).requires_grad_(False).eval()
         return cls(model, tokenizer, **options)
 
-    def render(self, prompt: str, *responses: str) -> str:
-        """The judge's input text for a prompt and two responses (or one, pointwise)."""
+    def render(self, prompt: str, *responses: str, criteria: str | None = None) -> str:
+        """The judge's input text for a prompt and two responses (or one, pointwise), and the pair's
+        criteria where the template places {criteria}."""
         keys = ("response_a", "response_b") if self.pairwise else ("response",)
-        text = self.template.format(prompt=prompt, **dict(zip(keys, responses)))
+        if self.uses_criteria and criteria is None:
+            raise DataError(f"the judge's template places {{criteria}} but none was given for prompt {prompt!r}")
+        extra = {"criteria": criteria} if self.uses_criteria else {}
+        text = self.template.format(prompt=prompt, **dict(zip(keys, responses)), **extra)
         if self.chat:
             text = data.render_chat_prompt([{"role": "user", "content": text}], self.tokenizer)
         return text
@@ -122,22 +135,26 @@ class LMJudge:
             out.append(logprobs.view(-1, 2))
         return torch.cat(out)
 
-    def preference(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> torch.Tensor:
-        """[N] P(response_a better than response_b), averaged over both orders in the template."""
+    def preference(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
+                   criteria: list[str] | None = None) -> torch.Tensor:
+        """[N] P(response_a better than response_b), averaged over both orders in the template;
+        `criteria`: one per pair, for a template that places {criteria}."""
         if not self.pairwise:
             raise ConfigError("this judge's template is pointwise ({response}); a pairwise preference needs "
                               "{response_a} and {response_b}")
         n = len(prompts)
-        texts = ([self.render(x, a, b) for x, a, b in zip(prompts, responses_a, responses_b)]
-                 + [self.render(x, b, a) for x, a, b in zip(prompts, responses_a, responses_b)])
+        rows = list(zip(prompts, responses_a, responses_b, criteria or [None] * n))
+        texts = ([self.render(x, a, b, criteria=c) for x, a, b, c in rows]
+                 + [self.render(x, b, a, criteria=c) for x, a, b, c in rows])
         p = self.verdict_logprobs(texts).softmax(dim=-1)       # [2N, 2], renormalised between the verdicts
         return (p[:n, 0] + p[n:, 1]) / 2                        # a first: verdict A; a second: verdict B
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[str], responses: list[str], criteria: list[str] | None = None) -> torch.Tensor:
         """[N] pointwise: log p(verdict 0) - log p(verdict 1) (the log-odds of " Yes" over " No", say)."""
         if self.pairwise:
             raise ConfigError("this judge's template is pairwise; a pointwise score needs a {response} template")
-        logprobs = self.verdict_logprobs([self.render(x, y) for x, y in zip(prompts, responses)])
+        rows = zip(prompts, responses, criteria or [None] * len(prompts))
+        logprobs = self.verdict_logprobs([self.render(x, y, criteria=c) for x, y, c in rows])
         return logprobs[:, 0] - logprobs[:, 1]
 
 
@@ -173,7 +190,9 @@ class RewardModelJudge:
             out.append(self.reward_model(input_ids.to(device), attention_mask.to(device)).float())
         return torch.cat(out)
 
-    def preference(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> torch.Tensor:
+    def preference(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
+                   criteria: list[str] | None = None) -> torch.Tensor:
+        """[N] P(response_a better than response_b); a reward model has no criteria to read."""
         r = self.rewards(prompts + prompts, responses_a + responses_b)
         return torch.sigmoid(r[:len(prompts)] - r[len(prompts):])
 
@@ -186,7 +205,8 @@ def judge_reward(directory, *, template: str = DEFAULT_POINTWISE_TEMPLATE, verdi
     Pointwise (a template with {prompt} and {response}): the judge's log-odds of verdicts[0] over
     verdicts[1]. Pairwise (a template with {response_a} and {response_b}; `reference_field` names
     the prompt-line field holding a reference answer): P(completion better than the reference),
-    order-averaged, in [0, 1]. The judge loads on the first call, so a module that defines
+    order-averaged, in [0, 1]. A template that places {criteria} reads it from the prompt lines'
+    "criteria" field. The judge loads on the first call, so a module that defines
         judge = judge_reward("runs/judge-model")
     can be named `my_module:judge` in a config without loading a model when the config is checked.
     """
@@ -204,12 +224,16 @@ def judge_reward(directory, *, template: str = DEFAULT_POINTWISE_TEMPLATE, verdi
             loaded["judge"] = LMJudge.load(directory, template=template, verdicts=tuple(verdicts), chat=chat,
                                            batch_size=batch_size, device=device, dtype=dtype)
         judge = loaded["judge"]
+        criteria = fields.get("criteria") if judge.uses_criteria else None
+        if judge.uses_criteria and (criteria is None or any(not isinstance(c, str) for c in criteria)):
+            raise DataError("judge_reward: the template places {criteria}: every prompt line needs a text field "
+                            "'criteria'")
         if not pairwise:
-            return judge.score(list(prompts), list(completions)).tolist()
+            return judge.score(list(prompts), list(completions), criteria).tolist()
         references = fields.get(reference_field)
         if references is None or any(not isinstance(r, str) for r in references):
             raise DataError(f"judge_reward: every prompt line needs a text field {reference_field!r} (the reference "
                             "answer the completion is compared with)")
-        return judge.preference(list(prompts), list(completions), list(references)).tolist()
+        return judge.preference(list(prompts), list(completions), list(references), criteria).tolist()
 
     return reward

@@ -23,6 +23,7 @@ from rlhf_fast.stages import dpo
 from helpers import assert_rel_close
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only contends
 
 
 def write_jsonl(path, records):

@@ -17,6 +17,7 @@ from rlhf_fast.stages import dpo, label
 from helpers import assert_rel_close
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only contends
 TEMPLATE = "the quick {prompt} first: {response_a} second: {response_b} so the better is"
 VERDICTS = (" 1", " 2")  # single tokens of the tiny tokenizer (" A" is two: "Ġ", "A")
 
@@ -31,10 +32,10 @@ def read_jsonl(path):
 
 
 CANDIDATES = [{"prompt": "fox 1:", "responses": [" the lazy dog", " a reward model", " numbers 3 4"]},
-              {"prompt": "dog 2:", "responses": [" policy gradient", " write a reply"]}]
+              {"prompt": "dog 2:", "responses": [" policy gradient", " write a reply"], "criteria": "be brief"}]
 
 
-def hand_preference(model, tokenizer, prompt, a, b):
+def hand_preference(model, tokenizer, prompt, a, b, template=TEMPLATE, **extra):
     """P(a better than b) from the HF model's logits in fp64: softmax over the two verdict tokens after
     each order of the template, averaged (a first: verdict 1; a second: verdict 2)."""
     ids = [tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in VERDICTS]
@@ -45,8 +46,8 @@ def hand_preference(model, tokenizer, prompt, a, b):
         pair = torch.log_softmax(logits, -1)[ids]
         return torch.softmax(pair, -1)
 
-    first = verdicts(TEMPLATE.format(prompt=prompt, response_a=a, response_b=b))[0]
-    second = verdicts(TEMPLATE.format(prompt=prompt, response_a=b, response_b=a))[1]
+    first = verdicts(template.format(prompt=prompt, response_a=a, response_b=b, **extra))[0]
+    second = verdicts(template.format(prompt=prompt, response_a=b, response_b=a, **extra))[1]
     return ((first + second) / 2).item()
 
 
@@ -63,6 +64,13 @@ def test_lm_judge_order_averaged_probability_matches_the_judges_logits(tiny_mode
     assert_rel_close(got, expected, 1e-5, "order-averaged preference")
     # swapping the two responses gives the complement: position bias cancelled by construction
     assert_rel_close(judge.preference(prompts, b, a), 1 - expected, 1e-5, "swapped")
+    # a per-pair {criteria} (RL-CAI's principle) is filled into both orders
+    criteria = ["policy gradient", "a reward model", "numbers", "the quick brown fox"]
+    judge = judges.LMJudge(model, tokenizer, template="{criteria}: " + TEMPLATE, verdicts=VERDICTS)
+    with torch.no_grad():
+        expected = torch.tensor([hand_preference(model64, tokenizer, *row[:3], "{criteria}: " + TEMPLATE,
+                                                 criteria=row[3]) for row in zip(prompts, a, b, criteria)])
+    assert_rel_close(judge.preference(prompts, a, b, criteria), expected, 1e-5, "with criteria")
 
 
 def test_label_with_a_lm_judge_from_policy_samples(tiny_model_dir, tmp_path):
@@ -98,6 +106,7 @@ def test_reward_model_judge_labels_a_file_that_dpo_and_rm_read(tiny_model_dir, t
                                       output=str(tmp_path / "prefs.jsonl")))
     rows = read_jsonl(out)
     assert len(rows) == 3 + 1  # C(3,2) + C(2,2)
+    assert [r.get("criteria") for r in rows] == [None, None, None, "be brief"]
     tokenizer = load_tokenizer(tiny_model_dir)
     with torch.no_grad():
         for r in rows:
@@ -152,14 +161,16 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(tiny_model_dir, t
         label.run(label.LabelConfig(**common, verdict_a=" 1", verdict_b=" 1"))
     with pytest.raises(ConfigError, match=r"template: missing \{response_b\}"):
         label.LabelConfig(**common, template="judge {prompt}: {response_a}")
-    with pytest.raises(ConfigError, match=r"unknown \{criteria\}"):
-        label.LabelConfig(**common, template="{criteria} {prompt} {response_a} {response_b}")
+    with pytest.raises(ConfigError, match=r"unknown \{rubric\}"):
+        label.LabelConfig(**common, template="{rubric} {prompt} {response_a} {response_b}")
     (tmp_path / "t.txt").write_text("{prompt} {response_a}")
     with pytest.raises(ConfigError, match=r"template_file: missing \{response_b\}"):
         label.LabelConfig(**common, template_file=str(tmp_path / "t.txt"))
     empty = write_jsonl(tmp_path / "empty.jsonl", [CANDIDATES[0], {"prompt": "x", "responses": []}])
     with pytest.raises(DataError, match=r"empty\.jsonl:2: expected 'responses', a list of at least 2 .* got 0"):
         label.run(label.LabelConfig(**{**common, "candidates": str(empty)}, verdict_a=" 1", verdict_b=" 2"))
+    with pytest.raises(DataError, match=r"c\.jsonl:1: the judge's template places \{criteria\}"):
+        label.run(label.LabelConfig(**common, verdict_a=" 1", verdict_b=" 2", template="{criteria} " + TEMPLATE))
     with pytest.raises(ConfigError, match="exactly one labeller"):
         label.LabelConfig(candidates=str(candidates), judge=str(tiny_model_dir), reward_model="r")
     with pytest.raises(ConfigError, match="either candidates"):

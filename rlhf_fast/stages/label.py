@@ -1,7 +1,9 @@
 """AI-feedback labelling (RLAIF, Lee et al. 2023): candidate responses in, preference pairs out.
 
   1. candidates: each prompt's responses, from a JSONL file of {"prompt", "responses": [...]} or
-     sampled from a policy (samples_per_prompt per prompt, through the rollout engine);
+     sampled from a policy (samples_per_prompt per prompt, through the rollout engine); a line's
+     "criteria" (e.g. a constitution principle's preference question, RL-CAI) fills the template's
+     {criteria} for its pairs;
   2. every pair of a prompt's distinct, non-blank candidates is judged by an AI labeller: an LM
      judge (the probability of its verdict tokens after a template that states the criteria,
      averaged over both orders of the pair to cancel position bias) or a reward model
@@ -40,7 +42,8 @@ class LabelConfig(SamplingConfig):
     judge: str = option("", "LM judge: a local causal-LM directory")
     reward_model: str = option("", "or a reward model as the judge: a directory written by `rlhf-fast rm`")
     template: str = option(judges.DEFAULT_TEMPLATE, "LM judge prompt stating the criteria, with {prompt}, "
-                                                    "{response_a} and {response_b} ({{ }} for literal braces)")
+                                                    "{response_a} and {response_b}, and optionally {criteria} (each "
+                                                    "line's 'criteria' field) ({{ }} for literal braces)")
     template_file: str = option("", "read the template from this file instead")
     verdict_a: str = option(" A", "the judge's verdict token for response A (one token of its tokenizer)")
     verdict_b: str = option(" B", "the judge's verdict token for response B (one token of its tokenizer)")
@@ -85,8 +88,9 @@ class LabelConfig(SamplingConfig):
 
 
 def read_candidates(path) -> list[dict]:
-    """[{"prompt", "responses", "source"}] from {"prompt", "responses": [...]} lines; DataError naming
-    the line when responses is not a list of at least 2 strings."""
+    """[{"prompt", "responses", "criteria", "source"}] from {"prompt", "responses": [...]} lines (+ an
+    optional "criteria" text); DataError naming the line when responses is not a list of at least 2
+    strings."""
     records = []
     for source, record in data.read_jsonl(path):
         prompt = record.get("prompt")
@@ -100,8 +104,21 @@ def read_candidates(path) -> list[dict]:
         for i, response in enumerate(responses):
             if not isinstance(response, str):
                 raise DataError(f"{source}: responses[{i}] must be a string, got {response!r}")
-        records.append({"prompt": prompt, "responses": responses, "source": source})
+        criteria = record.get("criteria")
+        if criteria is not None and not isinstance(criteria, str):
+            raise DataError(f"{source}: field 'criteria' must be a string, got {criteria!r}")
+        records.append({"prompt": prompt, "responses": responses, "criteria": criteria, "source": source})
     return records
+
+
+def check_criteria(config: LabelConfig, records: list[dict]) -> None:
+    """A judge template that places {criteria} needs every line to give one (DataError naming the first
+    that does not)."""
+    if config.judge and "criteria" in judges.template_fields(config.judge_template()):
+        for r in records:
+            if not isinstance(r.get("criteria"), str):
+                raise DataError(f"{r['source']}: the judge's template places {{criteria}} but this line has no text "
+                                "field 'criteria'")
 
 
 @torch.no_grad()
@@ -117,15 +134,15 @@ def sample_candidates(config: LabelConfig, device) -> list[dict]:
         rollout = sample_with(policy, tokenizer, [data.encode_prompt(tokenizer, r.prompt) for r in chunk], config,
                               num_samples=k)
         texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
-        out += [{"prompt": r.prompt, "responses": texts[i * k:(i + 1) * k], "source": r.source}
-                for i, r in enumerate(chunk)]
+        out += [{"prompt": r.prompt, "responses": texts[i * k:(i + 1) * k], "criteria": r.fields.get("criteria"),
+                 "source": r.source} for i, r in enumerate(chunk)]
     del policy
     return out
 
 
-def candidate_pairs(candidates: list[dict]) -> tuple[list[tuple[str, str, str]], int, int]:
-    """(every (prompt, a, b) pair of a prompt's distinct non-blank responses, blank responses skipped,
-    duplicate responses skipped)."""
+def candidate_pairs(candidates: list[dict]) -> tuple[list[tuple[str, str, str, str | None]], int, int]:
+    """(every (prompt, a, b, criteria) pair of a prompt's distinct non-blank responses, blank responses
+    skipped, duplicate responses skipped)."""
     pairs, blank, duplicate = [], 0, 0
     for c in candidates:
         kept = []
@@ -136,7 +153,7 @@ def candidate_pairs(candidates: list[dict]) -> tuple[list[tuple[str, str, str]],
                 duplicate += 1
             else:
                 kept.append(response)
-        pairs += [(c["prompt"], a, b) for a, b in combinations(kept, 2)]
+        pairs += [(c["prompt"], a, b, c.get("criteria")) for a, b in combinations(kept, 2)]
     return pairs, blank, duplicate
 
 
@@ -162,17 +179,18 @@ def check_judge(config: LabelConfig) -> None:
 
 
 def label_pairs(judge, pairs, min_preference: float) -> list[dict]:
-    """{"prompt", "chosen", "rejected", "ai_preference"} for every pair the judge prefers with at least
-    min_preference (a tie at exactly 0.5 keeps the first response as chosen)."""
+    """{"prompt", "chosen", "rejected", "ai_preference"} (+ the pair's "criteria", if any) for every pair
+    the judge prefers with at least min_preference (a tie at exactly 0.5 keeps the first response as chosen)."""
     if not pairs:
         return []
-    prompts, a, b = (list(column) for column in zip(*pairs))
-    p = judge.preference(prompts, a, b).tolist()
+    prompts, a, b, criteria = (list(column) for column in zip(*pairs))
+    p = judge.preference(prompts, a, b, criteria).tolist()
     out = []
-    for x, ya, yb, pa in zip(prompts, a, b, p):
+    for x, ya, yb, pa, c in zip(prompts, a, b, p, criteria):
         chosen, rejected, preference = (ya, yb, pa) if pa >= 0.5 else (yb, ya, 1.0 - pa)
         if preference >= min_preference:
-            out.append({"prompt": x, "chosen": chosen, "rejected": rejected, "ai_preference": round(preference, 6)})
+            record = {"prompt": x, "chosen": chosen, "rejected": rejected, "ai_preference": round(preference, 6)}
+            out.append(record if c is None else {**record, "criteria": c})
     return out
 
 
@@ -182,8 +200,11 @@ def run(config: LabelConfig) -> Path:
     # 0. everything checkable before a model loads
     candidates = read_candidates(config.candidates) if config.candidates else None
     if candidates is None:
-        data.load_prompts(config.prompts)
+        check_criteria(config, [{"criteria": r.fields.get("criteria"), "source": r.source}
+                                for r in data.load_prompts(config.prompts)])
         check_model_dir(config.policy)
+    else:
+        check_criteria(config, candidates)
     check_judge(config)
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +212,8 @@ def run(config: LabelConfig) -> Path:
     if candidates is None:
         candidates = sample_candidates(config, device)
         data.write_jsonl(output.with_suffix(".candidates.jsonl"),
-                         [{"prompt": c["prompt"], "responses": c["responses"]} for c in candidates])
+                         [{k: c[k] for k in ("prompt", "responses", "criteria") if c[k] is not None}
+                          for c in candidates])
     pairs, blank, duplicate = candidate_pairs(candidates)
     if blank or duplicate:
         print(f"label: skipped {blank} blank and {duplicate} duplicate responses")
