@@ -20,6 +20,8 @@ COMMANDS = {
     "grpo": ("rlhf_fast.stages.ppo", "GRPOConfig", "GRPO / Dr. GRPO / RLOO / REINFORCE++: PPO's stage, critic-free"),
     "rs": ("rlhf_fast.stages.rs", "RSConfig", "rejection-sampling fine-tuning (Llama 2): best of K, then SFT"),
     "rounds": ("rlhf_fast.stages.rounds", "RoundsConfig", "Llama 2's iterated rounds: reward-model refresh, RS, PPO"),
+    "dpo": ("rlhf_fast.stages.dpo", "DPOConfig", "DPO and its variants (IPO, SLiC hinge, robust, SimPO) on preference pairs"),
+    "label": ("rlhf_fast.stages.label", "LabelConfig", "RLAIF: an AI labeller (LM judge or reward model) turns candidates into preferences"),
     "rest": ("rlhf_fast.stages.rest", "ReSTConfig", "ReST: Grow (N scored samples per prompt), then Improve steps above rising reward thresholds"),
     "hir": ("rlhf_fast.stages.hir", "HIRConfig", "Hindsight Instruction Relabeling: sample, relabel by feedback, fine-tune; several rounds"),
     "cai": ("rlhf_fast.stages.cai", "CAIConfig", "Constitutional AI: critique and revise by a constitution, SFT on the revisions (+ RL-CAI pairs)"),
