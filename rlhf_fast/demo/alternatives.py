@@ -25,6 +25,7 @@ import torch
 from rlhf_fast.data import encode_prompt, write_jsonl
 from rlhf_fast.demo import task
 from rlhf_fast.demo.report import finish
+from rlhf_fast.demo.sampling_alternatives import one_torch_thread
 from rlhf_fast.demo.steps import begin_demo, decode_responses, sample_candidates, sft_on_demonstrations, write_rankings
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.logprobs import sequence_logprobs
@@ -95,6 +96,7 @@ def oracle_agreement(preferences: Path) -> float:
     return agree / max(counted, 1)
 
 
+@one_torch_thread
 def run_dpo_rows(output: Path, sft_dir: Path, rankings: Path, prompts_file: Path, common: dict, seed: int,
                  reward_dir: Path | None = None) -> dict:
     """{"dpo": row, "rlaif": row} in the demo table's columns (oracle, reward_model, kl_to_ref, words,
