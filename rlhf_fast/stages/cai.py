@@ -218,7 +218,9 @@ def revise(config: CAIConfig, constitution: Constitution, output: Path) -> dict:
 # -------------------------------------------------------------------------------------------------
 # RL-CAI's data: pairs from the SL-CAI model, and preferences from a judge
 
-def sample_pairs(config: CAIConfig, policy: Path, path: Path) -> list[dict]:
+def sample_pairs(config: CAIConfig, constitution: Constitution, policy: Path, path: Path) -> list[dict]:
+    """Two responses per prompt from the SL-CAI policy, in `rlhf-fast label`'s candidates format; each
+    pair carries a principle drawn from those with a preference question, as the judge's {criteria}."""
     device = pick_device(config.device)
     tokenizer = load_tokenizer(policy, padding_side="left")
     model = load_causal_lm(policy, device=device, dtype=config.dtype, attn=config.attn_implementation)
@@ -226,6 +228,11 @@ def sample_pairs(config: CAIConfig, policy: Path, path: Path) -> list[dict]:
     prompts = [r.prompt for r in data.load_prompts(config.prompts)]
     texts = sample_texts(model, tokenizer, prompts, config, num_samples=2, prompts_per_batch=config.micro_batch_size)
     pairs = [{"prompt": p, "responses": ts} for p, ts in zip(prompts, texts)]
+    judged = constitution.judged()
+    rng = random.Random(config.seed + 2)
+    for pair in pairs:
+        principle = judged[rng.randrange(len(judged))]
+        pair.update(criteria=principle.preference, principle=principle.name)
     write_jsonl_atomic(path, pairs)
     return pairs
 
@@ -259,7 +266,7 @@ def label_with_constitution(pairs: list[dict], constitution: Constitution, judge
 def rl_cai_data(config: CAIConfig, constitution: Constitution, policy: Path, output: Path) -> None:
     pairs_file = output / "pairs.jsonl"
     pairs = ([r for _, r in data.read_jsonl(pairs_file)] if pairs_file.exists()
-             else sample_pairs(config, policy, pairs_file))
+             else sample_pairs(config, constitution, policy, pairs_file))
     if not config.judge_function:
         print(f"cai: RL-CAI pairs in {pairs_file}; label them with the constitution's preference questions as the "
               "judge's criteria (`rlhf-fast label`), then `rlhf-fast rm` and `rlhf-fast ppo`/`grpo`, or "
