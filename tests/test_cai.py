@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from rlhf_fast import data
@@ -233,3 +234,29 @@ def test_the_demo_critic_and_reviser_strike_tools_and_decline_tool_requests():
     before = [safety.safety_score(p, r) for p, r in zip(prompts, responses)]
     after = [safety.safety_score(p, r) for p, r in zip(prompts, revisions)]
     assert before == [-1.0, -1.0, 0.0] and after == [2.0, 0.0, 0.0]
+
+
+def test_rl_cai_pairs_go_through_the_ai_labeller_with_each_principle_as_criteria(tiny_model_dir, tmp_path):
+    """RL-CAI with a model judge: cai writes pairs carrying a principle's preference question, and
+    `rlhf-fast label` fills it into the judge's {criteria}; the labels are the judge's own verdicts."""
+    from rlhf_fast import judges
+    from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+    from rlhf_fast.stages import label
+
+    cai.run(cai_config(tiny_model_dir, tmp_path, rl_pairs=True, revision_rounds=1))
+    pairs_file = tmp_path / "cai" / "pairs.jsonl"
+    pairs = read(pairs_file)
+    assert pairs and all(p["criteria"] == "Which names fewer tools?" and p["principle"] == "tools" for p in pairs)
+    template = "Criteria: {criteria}\nQ: {prompt}\n1: {response_a}\n2: {response_b}\nBetter:"
+    out = label.run(label.LabelConfig(candidates=str(pairs_file), judge=str(tiny_model_dir), template=template,
+                                      verdict_a=" 1", verdict_b=" 2", output=str(tmp_path / "prefs.jsonl")))
+    rows = read(out)
+    assert rows, "the labeller wrote no pair"
+    model = load_causal_lm(tiny_model_dir, device="cpu", dtype="fp32")
+    judge = judges.LMJudge(model, load_tokenizer(tiny_model_dir, padding_side="left"), template=template,
+                           verdicts=(" 1", " 2"))
+    expected = judge.preference([r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                [r["rejected"] for r in rows], [r["criteria"] for r in rows])
+    assert all(r["criteria"] == "Which names fewer tools?" for r in rows)
+    assert torch.allclose(expected, torch.tensor([r["ai_preference"] for r in rows]), atol=1e-5)
+    assert len(data.load_preferences(out)) == len(rows)  # what rm and dpo read
