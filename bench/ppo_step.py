@@ -107,7 +107,6 @@ LEARNING_RATE, KL_COEF, TEMPERATURE, SEED = 1e-4, 0.05, 1.0, 0
 PHASES = ("rollout", "score", "experience", "advantages", "update")
 
 OURS, TRL, OURS_GRPO, TRL_GRPO = "rlhf_fast ppo", "trl PPOTrainer", "rlhf_fast grpo", "trl GRPOTrainer"
-NOT_YET = "not run (not implemented yet)"
 RESULT_MARK = "PPO_STEP_RESULT "  # starts a provider's report lines on stdout, among what the trainers print
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "unk_token": "<unk>"}
 EOS = "</s>"
@@ -389,7 +388,62 @@ def run_trl(spec: dict, parent: Parent) -> None:
     parent.report(event="done", status="ok", peak_mb=peak_mb(device))
 
 
-CHILDREN = {OURS: run_rlhf_fast, OURS_GRPO: functools.partial(run_rlhf_fast, grpo=True), TRL: run_trl}
+def run_trl_grpo(spec: dict, parent: Parent) -> None:
+    """TRL 0.29.1's GRPOTrainer.train() on the same model, LoRA, reward model (a full sequence
+    classifier, as TRL needs) and groups of 4: one optimiser step per generation batch of shape.batch
+    completions, timed per step as a whole (its phases are not split)."""
+    version = importlib.metadata.version("trl")
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except Exception as error:  # installed but unusable here: a row, not a crash
+        parent.report(event="done", status=f"import failed: {type(error).__name__}: {error}"[:160], version=version)
+        return
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    shape, clock, device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
+    cuda = device.startswith("cuda")
+    rss_after_imports = _status_mb("VmRSS")
+    began = clock()
+    total = spec["warmup"] + spec["iterations"]
+    dtype = getattr(torch, spec["torch_dtype"])
+    model_dir = spec["paths"]["model"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    texts = [json.loads(line)["prompt"] for line in Path(spec["paths"]["prompts"]).read_text().splitlines()]
+    reward_model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype,
+                                                                      attn_implementation=spec["attn"])
+    args = GRPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl-grpo-run"), report_to="none", save_strategy="no",
+        disable_tqdm=True, seed=SEED, bf16=cuda, fp16=False, use_cpu=not cuda, learning_rate=LEARNING_RATE,
+        per_device_train_batch_size=shape.micro_batch, gradient_accumulation_steps=shape.batch // shape.micro_batch,
+        num_generations=4, max_completion_length=shape.new_tokens, temperature=TEMPERATURE, beta=0.04,
+        loss_type="grpo", num_iterations=1, max_steps=total, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": dtype, "attn_implementation": spec["attn"]})
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_model, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                          reward_processing_classes=tokenizer, peft_config=peft_config)
+    parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports, version=version)
+    marks = []
+
+    class Iterations(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            parent.wait()
+            marks.append(clock())
+
+        def on_step_end(self, *args, **kwargs):
+            parent.report(event="iteration", ms=(clock() - marks[-1]) * 1e3, peak_mb=peak_mb(device),
+                          response_tokens=shape.batch * shape.new_tokens, rows=shape.batch,
+                          generated_width=shape.new_tokens)
+
+    trainer.add_callback(Iterations())
+    trainer.train()
+    parent.report(event="done", status="ok", peak_mb=peak_mb(device))
+
+
+CHILDREN = {OURS: run_rlhf_fast, TRL_GRPO: run_trl_grpo, OURS_GRPO: functools.partial(run_rlhf_fast, grpo=True), TRL: run_trl}
 
 
 def child_main(provider: str, spec_path: str) -> None:
@@ -530,7 +584,8 @@ def provider_rows(label: str, provider: str, result: dict, warmup: int, total: i
     if "version" in result:
         row["version"] = result["version"]
     rows = [row]
-    for phase in PHASES + (("other",) if "other" in steady[0]["phases_ms"] else ()):
+    phases = steady[0].get("phases_ms", {})  # TRL's GRPOTrainer is timed as a whole
+    for phase in (PHASES + (("other",) if "other" in phases else ())) if phases else ():
         values = [it["phases_ms"][phase] for it in steady]
         p_median, p_20, p_80 = _quantiles(values)
         rows.append({"shape": label, "mode": phase, "provider": provider, "median_ms": p_median, "p20_ms": p_20,
@@ -608,8 +663,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: tiny on the CPU, llama-3.2-1b on CUDA")
     parser.add_argument("--iterations", type=int, help="steady iterations timed (default 5 on the CPU, 3 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="first iterations reported apart (default 1)")
-    parser.add_argument("--providers", default=f"{OURS},{OURS_GRPO},{TRL}",
-                        help=f"comma-separated, of {OURS!r}, {OURS_GRPO!r}, {TRL!r}")
+    parser.add_argument("--providers", default=f"{OURS},{OURS_GRPO},{TRL},{TRL_GRPO}",
+                        help=f"comma-separated, of {OURS!r}, {OURS_GRPO!r}, {TRL!r}, {TRL_GRPO!r}")
     parser.add_argument("--sequential", action="store_true",
                         help="on the CPU too, run the providers one after the other (default there: they take "
                              "turns iteration by iteration; on CUDA they always run one after the other)")
@@ -646,15 +701,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ppo_step-") as tmp:
         workdir = Path(tmp)
         spec_path = workdir / "spec.json"
-        providers = [Provider(key, trl_name if key == TRL else key, spec_path) for key in wanted]
-        skipped = {TRL: trl_missing} if TRL in wanted and trl_missing else {}
+        names = {TRL: trl_name, TRL_GRPO: f"{TRL_GRPO} {trl_version or '0.29.1'}"}
+        providers = [Provider(key, names.get(key, key), spec_path) for key in wanted]
+        skipped = {key: trl_missing for key in (TRL, TRL_GRPO) if key in wanted and trl_missing}
         for provider in providers:
             provider.status = skipped.get(provider.key, provider.status)
 
         def rows_now() -> list[dict]:
             rows = [row for p in providers for row in provider_rows(label, p.name, p.result(), args.warmup, total)]
             compare(rows, trl_name)
-            rows += [{"shape": label, "mode": "iteration", "provider": TRL_GRPO, "status": NOT_YET}]
             if not cuda:  # the GPU shapes wait for a GPU run
                 rows += [{"shape": shape_label(SHAPES[name], "bf16") + " (GPU)", "mode": "iteration",
                           "provider": "all", "status": "not run (no CUDA device)"} for name in GPU_SHAPES]
