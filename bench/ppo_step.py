@@ -300,6 +300,23 @@ def trl_phases(events: list[tuple]) -> list[dict]:
     return out
 
 
+class TRLRun:
+    """What both TRL providers read from the spec before they build a trainer (the clock starts here)."""
+
+    def __init__(self, spec: dict):
+        from transformers import AutoTokenizer
+
+        self.shape, self.clock, self.device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
+        self.cuda = self.device.startswith("cuda")
+        self.rss_after_imports = _status_mb("VmRSS")
+        self.began = self.clock()
+        self.total = spec["warmup"] + spec["iterations"]
+        self.dtype = getattr(torch, spec["torch_dtype"])
+        self.model_dir = spec["paths"]["model"]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, padding_side="left")
+        self.texts = [json.loads(line)["prompt"] for line in Path(spec["paths"]["prompts"]).read_text().splitlines()]
+
+
 def run_trl(spec: dict, parent: Parent) -> None:
     """TRL's PPOTrainer.train(), timed from outside (see the module docstring); a callback holds each
     iteration until the parent says go."""
@@ -312,19 +329,14 @@ def run_trl(spec: dict, parent: Parent) -> None:
         return
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-    shape, clock, device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
-    cuda = device.startswith("cuda")
-    rss_after_imports = _status_mb("VmRSS")
-    began = clock()
-    total = spec["warmup"] + spec["iterations"]
-    dtype = getattr(torch, spec["torch_dtype"])
-    model_dir = spec["paths"]["model"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    run = TRLRun(spec)
+    shape, clock, device, cuda, began, total, dtype, model_dir, tokenizer, texts = (
+        run.shape, run.clock, run.device, run.cuda, run.began, run.total, run.dtype, run.model_dir, run.tokenizer,
+        run.texts)
+    rss_after_imports = run.rss_after_imports
     pad_id = tokenizer.pad_token_id
-    texts = [json.loads(line)["prompt"] for line in Path(spec["paths"]["prompts"]).read_text().splitlines()]
     dataset = Dataset.from_dict({"input_ids": [tokenizer(text)["input_ids"] for text in texts]})
     load = dict(dtype=dtype, attn_implementation=spec["attn"])
     policy = AutoModelForCausalLM.from_pretrained(model_dir, **load)
@@ -400,17 +412,13 @@ def run_trl_grpo(spec: dict, parent: Parent) -> None:
         return
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-    shape, clock, device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
-    cuda = device.startswith("cuda")
-    rss_after_imports = _status_mb("VmRSS")
-    began = clock()
-    total = spec["warmup"] + spec["iterations"]
-    dtype = getattr(torch, spec["torch_dtype"])
-    model_dir = spec["paths"]["model"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    texts = [json.loads(line)["prompt"] for line in Path(spec["paths"]["prompts"]).read_text().splitlines()]
+    run = TRLRun(spec)
+    shape, clock, device, cuda, began, total, dtype, model_dir, tokenizer, texts = (
+        run.shape, run.clock, run.device, run.cuda, run.began, run.total, run.dtype, run.model_dir, run.tokenizer,
+        run.texts)
+    rss_after_imports = run.rss_after_imports
     reward_model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype,
                                                                       attn_implementation=spec["attn"])
     args = GRPOConfig(

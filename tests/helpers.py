@@ -118,3 +118,14 @@ def leaves_on(device, *tensors):
     """Fresh leaf copies on device, each requiring grad if the original does (None stays None)."""
     return [None if x is None else x.detach().to(device, copy=True).requires_grad_(x.requires_grad)
             for x in tensors]
+
+
+def assert_same_d_weight(one_chunk, many_chunks, dtype):
+    """d weight made in one chunk and in many agree: to fp32 rounding, or (bf16 outputs of an fp32
+    accumulator) in all but 1% of entries and never by more than one bf16 ulp."""
+    if dtype == torch.float32:
+        assert_rel_close(many_chunks, one_chunk, 1e-6, "d weight, many chunks vs one")
+    else:
+        differs = many_chunks != one_chunk
+        assert differs.double().mean() < 0.01, f"{differs.sum()} of {differs.numel()} bf16 d weights differ"
+        assert torch.all((many_chunks - one_chunk).abs() <= one_chunk.abs() * 2 ** -7), "more than one bf16 ulp"
