@@ -168,7 +168,8 @@ class Scorer:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, prompts: list, completions: list[str],
                  safety_prompt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(reward [B] fp32, {reward model or function name: its raw scores [B]}). prompts: the B
-        rows' data.PromptRecord; completions: their decoded responses; safety_prompt [B] bool."""
+        rows' data.PromptRecord; completions: their decoded responses (read only by reward functions);
+        safety_prompt [B] bool."""
         raw, reward = {}, None
         if self.reward_models:
             reward, raw = score(self.reward_models, input_ids, attention_mask, self.config, safety_prompt=safety_prompt)

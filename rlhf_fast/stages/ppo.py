@@ -276,7 +276,8 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, rollout: Rollout, rows: list) -> tuple[torch.Tensor, dict]:
         """(scores used for training [B], {reward model / function name: raw scores} plus "combined")."""
-        completions = self.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
+        completions = (self.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
+                       if self.scorer.functions else [])  # only reward functions read the text
         safety_prompt = torch.tensor([self.config.safety_tag in r.tags for r in rows], device=self.device)
         combined, raw = self.scorer(rollout.input_ids, rollout.attention_mask, prompts=rows, completions=completions,
                                     safety_prompt=safety_prompt)

@@ -87,7 +87,7 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, step
             watch.update(step + 1, metrics)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
             _checkpoint(config, step + 1, modules, stepper, stage_state)
-        rundir.mark(output, name, step=step + 1, finished=False)
+            rundir.mark(output, name, step=step + 1, finished=False)  # run.json follows the checkpoints
     return logger
 
 
