@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -306,6 +305,21 @@ def test_the_reward_model_counts_what_it_drops(tiny_model_dir, tmp_path, capsys)
 
 # --- kill -9 ----------------------------------------------------------------------------------
 
+KILL_AFTER_CHECKPOINT = """
+import os, signal
+from rlhf_fast.training import runstate
+save = runstate.save
+def save_then_die(run_dir, step, *args, **kwargs):
+    path = save(run_dir, step, *args, **kwargs)
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+runstate.save = save_then_die
+from rlhf_fast.cli import main
+main({argv!r})
+"""
+
+
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_model(tiny_model_dir, tmp_path):
     data = sft_data(tmp_path)
     args = ["--model", str(tiny_model_dir), "--data", str(data), "--lora_r", "4", "--learning_rate", "1e-2",
@@ -314,13 +328,12 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_model(tiny_model
     straight = tmp_path / "straight"
     sft.run(sft_config(tiny_model_dir, data, straight, max_steps=20, save_every=2, keep_last=1, device="cpu"))
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "rlhf_fast.cli", "sft", *args, "--output_dir", str(killed)],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-000002").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # the CLI in a child process that SIGKILLs itself the moment checkpoint 4 is written: a kill -9 at
+    # a chosen moment, not a race with the clock
+    child = KILL_AFTER_CHECKPOINT.format(step=4, argv=["sft", *args, "--output_dir", str(killed)])
+    process = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert (killed / "checkpoints" / "step-000004").is_dir()
     assert not (killed / "model").exists(), "killed before the end"
     sft.run(sft_config(tiny_model_dir, data, killed, max_steps=20, save_every=2, keep_last=1, device="cpu",
                        resume=True))
