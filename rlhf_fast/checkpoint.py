@@ -250,7 +250,7 @@ def _read_json(path: Path):
 # ---------------------------------------------------------------------------------------------
 # RNG states
 
-def _rng_state() -> tuple[dict, dict]:
+def rng_state() -> tuple[dict, dict]:
     """(tensors, JSON) of every RNG a training step may draw from."""
     tensors = {"torch.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -268,7 +268,7 @@ def _rng_state() -> tuple[dict, dict]:
     return tensors, states
 
 
-def _set_rng_state(tensors: dict, states: dict) -> None:
+def set_rng_state(tensors: dict, states: dict) -> None:
     torch.set_rng_state(tensors["torch.cpu"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("torch.cuda.")),
                                        key=lambda k: int(k.rsplit(".", 1)[1]))]
@@ -305,7 +305,7 @@ def save_training_state(directory, *, optimizer=None, scheduler=None, step: int,
         save_state_dict(directory, "optimizer", optimizer.state_dict())
     if scheduler is not None:
         save_state_dict(directory, "scheduler", scheduler.state_dict())
-    rng_tensors, rng_json = _rng_state()
+    rng_tensors, rng_json = rng_state()
     save_tensors(directory / "rng.safetensors", rng_tensors)
     _write_json(directory / "rng.json", rng_json)
     try:
@@ -341,7 +341,7 @@ def apply_training_state(state: dict, *, optimizer=None, scheduler=None, restore
             raise CheckpointError(f"no {name} state was saved in this checkpoint")
         target.load_state_dict(state[name])
     if restore_rng:
-        _set_rng_state(*state["rng"])
+        set_rng_state(*state["rng"])
 
 
 def load_training_state(directory, *, optimizer=None, scheduler=None, restore_rng: bool = True) -> dict:

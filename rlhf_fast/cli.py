@@ -9,6 +9,7 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
+from rlhf_fast import distributed
 from rlhf_fast.config import help_text, load_config, markdown_table, parse_overrides
 from rlhf_fast.errors import UserError
 
@@ -47,7 +48,13 @@ def run_stage(module, class_name: str, argv: list[str], prog: str) -> int:
         return 0
     overrides = parse_overrides(argv)
     config = load_config(cls, overrides.pop("config", None), overrides)
-    module.run(config)
+    world = distributed.init(getattr(config, "device", "auto"))  # under torchrun; else one process
+    if not world.main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; warnings and errors still show
+    try:
+        module.run(config)
+    finally:
+        distributed.close()
     return 0
 
 

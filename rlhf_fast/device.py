@@ -1,11 +1,16 @@
 """Devices and dtypes: where a run's tensors live, its weights' dtype, and mixed precision."""
+import os
+
 import torch
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto" is CUDA when present, else the CPU."""
+    """"auto" is CUDA when present, else the CPU. Under torchrun, "auto" and "cuda" are this rank's
+    GPU (cuda:LOCAL_RANK)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 

@@ -9,20 +9,24 @@ class MetricsLogger:
 
     Rows are strict JSON: a NaN or inf value is written as null. `resumed_at` (the step a resumed
     run continues from) drops the rows an interrupted session logged after that step, so a resumed
-    run's file holds each step once.
+    run's file holds each step once. With write=False (the ranks of a torchrun run but rank 0)
+    rows are kept in `history` and nothing is written.
     """
 
-    def __init__(self, output_dir, tensorboard: bool = True, resumed_at: int | None = None):
+    def __init__(self, output_dir, tensorboard: bool = True, resumed_at: int | None = None, write: bool = True):
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        self.write = write
+        self._tb = None
+        if not write:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if resumed_at is not None and _step_of(line) <= resumed_at]
             self.path.write_text("".join(line + "\n" for line in kept))
             self.history = [json.loads(line) for line in kept]
-        self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -33,6 +37,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> dict:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
+        if not self.write:
+            return row
         with self.path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         if self._tb is not None:
@@ -44,6 +50,8 @@ class MetricsLogger:
     def close(self, plot_name: str = "curves.png") -> Path | None:
         if self._tb is not None:
             self._tb.close()
+        if not self.write:
+            return None
         return plot_curves(self.history, self.dir / plot_name)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 from transformers import StaticCache
 
+from rlhf_fast import distributed
 from rlhf_fast.data import pad_batch
 from rlhf_fast.device import autocast, module_device
 from rlhf_fast.models.trunk import unwrap_peft
@@ -94,22 +95,29 @@ class RolloutEngine:
         return 1 << (batch - 1).bit_length() if self.compile else batch
 
     def sample_with(self, prompts: list[list[int]], sampling: SamplingConfig, *, num_samples: int = 1,
-                    do_sample: bool = True, generator: torch.Generator | None = None) -> Rollout:
+                    do_sample: bool = True, generator: torch.Generator | None = None,
+                    rows: slice | None = None) -> Rollout:
         """`sample` with a stage's SamplingConfig."""
         return self.sample(prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                            top_p=sampling.top_p, top_k=sampling.top_k, num_samples=num_samples,
-                           do_sample=do_sample, generator=generator)
+                           do_sample=do_sample, generator=generator, rows=rows)
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, do_sample: bool = True,
-               generator: torch.Generator | None = None) -> Rollout:
+               generator: torch.Generator | None = None, rows: slice | None = None) -> Rollout:
         """`num_samples` responses per prompt, rows grouped by prompt, as a Rollout [B, L] with
         B = len(prompts) * num_samples and its `logprobs` [B, L-1] fp32.
 
         prompts: token id lists (non-empty). do_sample=False decodes greedily (argmax; the
         log-probs still use `temperature`). generator: the RNG of the draws (default: torch's
         global one). Never writes to the model's weights, never changes its train/eval mode.
+
+        rows: generate only these rows of the B (a rank's share under torchrun, with every rank
+        calling with the same prompts and generator state). They come out as the whole batch's
+        would: left-padded to the whole batch's prompt length, each step's noise drawn for all B
+        rows (the share's rows kept), and every rank decodes until all ranks' rows have ended, so
+        the ranks' shares together equal one process's rollout of B rows in one generation batch.
         """
         check_sampling_args(max_new_tokens, temperature, top_p, top_k)
         if num_samples < 1:
@@ -122,13 +130,21 @@ class RolloutEngine:
         module = self._refreshed_view()
         prompt_ids, prompt_mask = (t.to(self.device).repeat_interleave(num_samples, dim=0)
                                    for t in pad_batch(prompts, self.pad_id, side="left"))
+        whole_batch = prompt_ids.shape[0]
+        share = slice(*(rows or slice(None)).indices(whole_batch))
+        prompt_ids, prompt_mask = prompt_ids[share], prompt_mask[share]
         rows, prompt_length = prompt_ids.shape
+        if rows == 0:
+            raise ValueError(f"rows {share} of a batch of {whole_batch} is empty")
         cache_length = self._cache_length(prompt_length, max_new_tokens)
         batch = min(self.generation_batch_size or rows, rows)
         padded = self.kv_cache_rows(rows)
         sampling = (temperature, top_k, top_p, do_sample)
+        # a share draws each step's noise as the whole batch in one generation batch would
+        noise_rows = None if share.stop - share.start == whole_batch else max(self.kv_cache_rows(whole_batch), whole_batch)
         pieces = [self._generate(module, prompt_ids[first:first + batch], prompt_mask[first:first + batch],
-                                 padded, cache_length, max_new_tokens, sampling, generator)
+                                 padded, cache_length, max_new_tokens, sampling, generator,
+                                 None if noise_rows is None else (noise_rows, share.start + first))
                   for first in range(0, rows, batch)]
         return self._assemble(prompt_ids, prompt_mask, pieces)
 
@@ -208,10 +224,13 @@ class RolloutEngine:
             self._inputs, self._inputs_key = inputs, key
         return inputs
 
-    def _generate(self, module, prompt_ids, prompt_mask, padded, cache_length, max_new_tokens, sampling, generator):
+    def _generate(self, module, prompt_ids, prompt_mask, padded, cache_length, max_new_tokens, sampling, generator,
+                  noise_rows: tuple[int, int] | None = None):
         """(tokens [b, n] int64, log-probs [b, n] fp32, lengths [b], ended [b]) for one generation
         batch of b rows, decoded as `padded` >= b rows; n <= max_new_tokens is the longest
-        response, pad / 0 after each row's end."""
+        response, pad / 0 after each row's end. noise_rows = (B, first): these rows are rows
+        first.. of a batch of B whose noise is drawn whole each step, and decoding goes on until
+        every rank's rows have ended."""
         rows, prompt_length = prompt_ids.shape
         if padded > rows:  # filler rows repeat the last real one and are dropped at the end
             prompt_ids = torch.cat([prompt_ids, prompt_ids[-1:].expand(padded - rows, -1)])
@@ -228,7 +247,17 @@ class RolloutEngine:
         do_sample = sampling[3]
 
         def noise():
-            return x["noise"].exponential_(generator=generator) if do_sample else None
+            if not do_sample:
+                return None
+            if noise_rows is None:
+                return x["noise"].exponential_(generator=generator)
+            whole = torch.empty((noise_rows[0], x["noise"].shape[1]), dtype=torch.float32, device=self.device)
+            whole.exponential_(generator=generator)
+            x["noise"][:rows].copy_(whole[noise_rows[1]:noise_rows[1] + rows])
+            x["noise"][rows:].fill_(1.0)  # filler rows, dropped at the end
+            return x["noise"]
+
+        ended_everywhere = bool if noise_rows is None else distributed.all_across
 
         tokens = torch.full((padded, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         logprobs = torch.zeros((padded, max_new_tokens), dtype=torch.float32, device=self.device)
@@ -250,7 +279,7 @@ class RolloutEngine:
             x["finished"].copy_(new_finished)
             x["lengths"].copy_(new_lengths)
             check = not self.compile or t % CUDA_EOS_CHECK_EVERY == CUDA_EOS_CHECK_EVERY - 1
-            if check and bool(x["finished"][:rows].all()):
+            if check and ended_everywhere(bool(x["finished"][:rows].all())):
                 break
         lengths = x["lengths"][:rows].clone()
         longest = int(lengths.max())

@@ -2,6 +2,7 @@
 directory), each with the values it takes, checked when the config is built."""
 from dataclasses import asdict, dataclass
 
+from rlhf_fast import distributed
 from rlhf_fast.config import ConfigError, check_divides, check_fields, option
 
 
@@ -54,10 +55,22 @@ class TrainConfig:
     def accumulation_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
 
+    def check_world(self, world: distributed.World) -> None:
+        """Under torchrun, batch_size is global: every rank must get whole micro-batches of it, so
+        that the ranks together make exactly the micro-batches one process would."""
+        if world.size > 1:
+            check_divides(self.batch_size, self.micro_batch_size * world.size,
+                          f"batch_size / (micro_batch_size x {world.size} ranks)")
+
     def run_settings(self) -> dict:
         """The fields that define a run: resuming with any of them changed is an error. What only
-        says where, how often to log and save, or how to react, may change between sessions."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        says where, how often to log and save, or how to react, may change between sessions. A
+        run on several ranks adds its world size: resuming it on another number is an error."""
+        settings = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        world = distributed.current()
+        if world.size > 1:
+            settings["world_size"] = world.size
+        return settings
 
 
 # fields a resumed session may change

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rlhf_fast import distributed
 from rlhf_fast.errors import CheckpointError
 from rlhf_fast.memory import peak_memory_gb
 from rlhf_fast.metrics import MetricsLogger
@@ -59,7 +60,8 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, step
     through load_stage_state(dict)), adds the learning rate, skipped steps, the step's wall time
     (and tokens per second, from a "perf/tokens" count) and the peak memory to the metrics, logs
     every config.log_every steps and the last, watches for a collapse, and checkpoints every
-    config.save_every steps, keeping config.keep_last.
+    config.save_every steps, keeping config.keep_last. Under torchrun every rank runs the loop
+    (step_fn returns metrics already summed over ranks); rank 0 alone shows progress and writes.
     """
     output = Path(config.output_dir)
     start = 0
@@ -72,9 +74,11 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, step
             start, saved = resumed
             if load_stage_state is not None:
                 load_stage_state(saved)
-    logger = MetricsLogger(output, resumed_at=start)
+    main = distributed.current().main
+    logger = MetricsLogger(output, resumed_at=start, write=main)
     watch = CollapseWatch(config.collapse_steps, vocab_size)
-    for step in progress(range(start, num_steps), name, start, num_steps):
+    steps = range(start, num_steps)
+    for step in progress(steps, name, start, num_steps) if main else steps:
         begin = time.perf_counter()
         metrics = step_fn(step)
         elapsed = time.perf_counter() - begin
@@ -84,10 +88,12 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, step
         if (step + 1) % config.log_every == 0 or step + 1 == num_steps:
             logger.log(step + 1, {**metrics, f"{name}/lr": stepper.scheduler.get_last_lr()[0],
                                   "train/skipped_steps": stepper.skipped, "mem/peak_gb": peak_memory_gb(device)})
-            watch.update(step + 1, metrics)
+            if main:
+                watch.update(step + 1, metrics)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < num_steps:
             _checkpoint(config, step + 1, modules, stepper, stage_state)
-            rundir.mark(output, name, step=step + 1, finished=False)  # run.json follows the checkpoints
+            # run.json follows the checkpoints
+            distributed.on_main(lambda: rundir.mark(output, name, step=step + 1, finished=False))
     return logger
 
 
@@ -98,7 +104,8 @@ def _checkpoint(config, step: int, modules: dict, stepper, stage_state) -> Path:
 
 
 def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, stepper, stage_state=None):
-    """save_fn() -> path of the final model; then the run is marked finished.
+    """save_fn() -> path of the final model; then the run is marked finished. Under torchrun rank 0
+    writes it (every rank holds the same weights) and every rank returns its path.
 
     If it fails (a full disk), the trained state is written as a checkpoint of the final step
     where possible, and the error says where it is and how to finish: nothing trained is lost
@@ -106,7 +113,7 @@ def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, ste
     """
     output = Path(config.output_dir)
     try:
-        path = save_fn()
+        path = distributed.on_main(save_fn)
     except (OSError, RuntimeError) as error:
         try:
             kept = _checkpoint(config, num_steps, modules, stepper, stage_state)
@@ -115,5 +122,5 @@ def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, ste
                                   f"training state ({second}): nothing could be written to {output}") from error
         raise CheckpointError(f"{name}: saving the final model failed ({error}); the trained state is in {kept}: "
                               "free space and rerun the same command with --resume true to write the model") from error
-    rundir.mark(output, name, step=num_steps, finished=True)
+    distributed.on_main(lambda: rundir.mark(output, name, step=num_steps, finished=True))
     return path

@@ -5,6 +5,7 @@ import math
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
+from rlhf_fast import distributed
 from rlhf_fast.errors import TrainingDiverged
 
 
@@ -33,7 +34,8 @@ class OptimizerStep:
     its moments and the schedule untouched), counting skips; `max_skipped` in a row is an error.
 
     Without it, one NaN gradient poisons AdamW's moments and every weight after it (a run at
-    lr 1e30 trained to the end and saved 21 NaN tensors).
+    lr 1e30 trained to the end and saved 21 NaN tensors). Under torchrun the gradients are first
+    summed over ranks, so every rank takes (or skips) the same step; `loss` is the global loss.
     """
 
     def __init__(self, params, optimizer, scheduler, *, max_grad_norm: float, max_skipped: int):
@@ -45,6 +47,7 @@ class OptimizerStep:
     def __call__(self, loss: float | None = None) -> float:
         """One optimiser step on the accumulated gradients; returns the pre-clip gradient norm
         (NaN or inf when the step was skipped)."""
+        distributed.reduce_gradients(self.params)
         total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         norm = float(total)
         if not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):

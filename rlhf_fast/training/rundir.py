@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rlhf_fast import checkpoint
+from rlhf_fast import checkpoint, distributed
 from rlhf_fast.errors import CheckpointError
 
 RUN_FILE = "run.json"
@@ -28,8 +28,15 @@ def prepare(config, stage: str) -> Path:
     """Make config.output_dir ready for `stage` before anything loads; returns it.
 
     A directory holding a run is an error unless config.resume (then a finished run is an error:
-    there is nothing to resume) or config.overwrite (then it is removed first).
+    there is nothing to resume) or config.overwrite (then it is removed first). Under torchrun,
+    rank 0 does this after the config is checked against the world, and every rank gets its verdict.
     """
+    if hasattr(config, "check_world"):
+        config.check_world(distributed.current())
+    return distributed.on_main(lambda: _prepare(config, stage))
+
+
+def _prepare(config, stage: str) -> Path:
     output = Path(config.output_dir)
     holds_run = any((output / marker).exists() for marker in RUN_MARKERS)
     claim(output, config, holds_run, lambda: _describe(output))

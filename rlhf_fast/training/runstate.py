@@ -7,6 +7,9 @@ PPO's KL coefficient) as a state dict beside them, and the settings that define 
 Resuming restores them all, so a resumed run continues exactly as an uninterrupted one; resuming
 with other settings is an error that lists them, and a corrupt newest checkpoint is named and
 passed over for the previous complete one.
+
+Under torchrun every rank holds the same trainable state (data parallel): rank 0 writes it, with
+every rank's RNG states beside it, and each rank restores its own on resume.
 """
 import json
 import shutil
@@ -15,12 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_fast import checkpoint
+from rlhf_fast import checkpoint, distributed
 from rlhf_fast.errors import CheckpointError
 
 TRAINABLE_FILE = "trainable.safetensors"
 STAGE_STATE = "stage_state"
 SETTINGS_FILE = "run_settings.json"
+RANK_RNG = "rank_rng"
 
 
 def _trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -33,12 +37,21 @@ def save(run_dir, step: int, modules: dict[str, nn.Module], optimizer, scheduler
          stage_state: dict | None = None, keep_last: int = 0) -> Path:
     """Atomically write <run_dir>/step-<step>/ with everything a resume needs, then delete all but
     the newest `keep_last` checkpoints (0 keeps all). `stage_state` may hold tensors (a
-    generator's state), numbers, strings, lists and dicts; `settings` is plain JSON."""
+    generator's state), numbers, strings, lists and dicts; `settings` is plain JSON. Every rank
+    calls it; rank 0 writes."""
+    ranks = distributed.gather_objects(checkpoint.rng_state())
+    return distributed.on_main(lambda: _write(run_dir, step, modules, optimizer, scheduler, settings=settings,
+                                              stage_state=stage_state, keep_last=keep_last, rank_rngs=ranks))
+
+
+def _write(run_dir, step, modules, optimizer, scheduler, *, settings, stage_state, keep_last, rank_rngs) -> Path:
     final = checkpoint.checkpoint_dir(run_dir, step)
     with checkpoint.atomic_directory(final) as tmp:
         checkpoint.save_tensors(Path(tmp) / TRAINABLE_FILE, _trainable_state(modules))
         checkpoint.save_training_state(tmp, optimizer=optimizer, scheduler=scheduler, step=step)
         checkpoint.save_state_dict(tmp, STAGE_STATE, stage_state or {})
+        if len(rank_rngs) > 1:
+            checkpoint.save_state_dict(tmp, RANK_RNG, {"ranks": [{"tensors": t, "states": s} for t, s in rank_rngs]})
         (Path(tmp) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
     if keep_last:
         for old in checkpoint.checkpoints(run_dir)[keep_last:]:
@@ -55,9 +68,11 @@ def _read(directory: Path) -> dict:
         raise CheckpointError(f"{settings_path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{settings_path}: not valid JSON ({e})") from None
+    world = distributed.current()
     return {"trainable": checkpoint.load_tensors(directory / TRAINABLE_FILE),
             "training": checkpoint.read_training_state(directory),
             "stage": checkpoint.load_state_dict(directory, STAGE_STATE),
+            "rank_rng": checkpoint.load_state_dict(directory, RANK_RNG)["ranks"][world.rank] if world.size > 1 else None,
             "settings": settings}
 
 
@@ -105,5 +120,7 @@ def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, sett
                 with torch.no_grad():
                     params[name].copy_(value)
     checkpoint.apply_training_state(saved["training"], optimizer=optimizer, scheduler=scheduler)
+    if saved["rank_rng"] is not None:
+        checkpoint.set_rng_state(saved["rank_rng"]["tensors"], saved["rank_rng"]["states"])
     print(f"resumed from {directory} (step {step})")
     return step, saved["stage"]

@@ -1,0 +1,195 @@
+"""torchrun with 2 gloo ranks on the CPU against one process with the same global batch and seed:
+the same losses and updated weights for sft, rm and ppo; a 2-rank run killed and resumed ends
+where the uninterrupted run does; resuming on another number of ranks is an error."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_fast import distributed
+from rlhf_fast.errors import CheckpointError
+from rlhf_fast.stages import ppo, rm, sft
+
+ROOT = Path(__file__).resolve().parents[1]
+RANKS = 2
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def metric(output_dir, key):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def torchrun(argv: list[str], script: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m rlhf_fast.cli <argv>` (or a script), gloo on the CPU."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"]
+    target = ["-m", "rlhf_fast.cli", *argv] if script is None else [script, *argv]
+    process = subprocess.run(launcher + target, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert process.returncode == 0, process.stderr[-3000:]
+    return process
+
+
+def flags(**settings) -> list[str]:
+    return [part for key, value in settings.items() for part in (f"--{key}", str(value))]
+
+
+def assert_same_tensors(a: dict, b: dict, atol=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=atol), name
+
+
+def assert_trained(before: dict, after: dict):
+    assert any(not torch.equal(before[k], after[k]) for k in before), "nothing was trained"
+
+
+# --- shares -----------------------------------------------------------------------------------
+
+def test_shares_cover_the_batch_once_in_order():
+    for count in range(0, 12):
+        for size in (1, 2, 3, 5):
+            slices = [distributed.share(count, distributed.World(rank, size)) for rank in range(size)]
+            assert [i for s in slices for i in range(count)[s]] == list(range(count))
+            assert max(len(range(count)[s]) for s in slices) - min(len(range(count)[s]) for s in slices) <= 1
+
+
+def test_ranks_make_the_micro_batches_of_one_process():
+    batch = list(range(16))
+    one = list(distributed.micro_batches(batch, 4))
+    spread = [m for rank in range(2) for m in distributed.micro_batches(batch, 4, distributed.World(rank, 2))]
+    assert spread == one == [batch[i:i + 4] for i in range(0, 16, 4)]
+
+
+def test_batch_must_split_into_whole_micro_batches_per_rank():
+    config = sft.SFTConfig(model="m", data="d", batch_size=6, micro_batch_size=2)
+    config.check_world(distributed.World(0, 1))
+    with pytest.raises(Exception, match=r"batch_size / \(micro_batch_size x 2 ranks\): 6 is not a positive multiple of 4"):
+        config.check_world(distributed.World(0, 2))
+
+
+# --- two ranks against one process --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    words = ["apple", "banana", "cherry", "grape"]
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl",
+                       [{"prompt": f"fruit {i}:", "response": f" {words[i % 4]} {words[(i + 1) % 4]}"}
+                        for i in range(12)])
+
+
+SFT = dict(lora_r=4, learning_rate=1e-2, batch_size=8, micro_batch_size=2, max_length=24, device="cpu")
+
+
+def test_sft_on_two_ranks_equals_one_process(tiny_model_dir, sft_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(sft_data), output_dir=str(one), max_steps=3, **SFT))
+    torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=two, max_steps=3, **SFT)])
+    assert metric(two, "sft/loss") == pytest.approx(metric(one, "sft/loss"), rel=1e-5)
+    assert metric(two, "sft/grad_norm") == pytest.approx(metric(one, "sft/grad_norm"), rel=1e-4)
+    base = load_file(tiny_model_dir / "model.safetensors")
+    trained = load_file(one / "model" / "model.safetensors")
+    assert_trained(base, trained)
+    assert_same_tensors(trained, load_file(two / "model" / "model.safetensors"))
+    assert not (two / "checkpoints").exists() or not any((two / "checkpoints").iterdir())
+
+
+def test_reward_model_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl",
+                        [{"prompt": f"q{i}:", "chosen": " apple pie", "rejected": f" dog {i}", "rating": "better"}
+                         for i in range(14)])
+    settings = dict(lora_r=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_steps=3, max_length=16,
+                    eval_fraction=0.25, device="cpu")
+    one, two = tmp_path / "one", tmp_path / "two"
+    rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(one), **settings))
+    torchrun(["rm", *flags(model=tiny_model_dir, data=prefs, output_dir=two, **settings)])
+    for key in ("rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_reward_gap"):
+        assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-5, abs=1e-6), key
+    for name in ("head.safetensors", "adapter/reward/adapter_model.safetensors"):
+        assert_same_tensors(load_file(one / "reward" / name), load_file(two / "reward" / name))
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reward")
+    prefs = write_jsonl(tmp / "prefs.jsonl", [{"prompt": f"q{i}:", "chosen": " apple", "rejected": " dog"}
+                                              for i in range(8)])
+    return rm.run(rm.RMConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(tmp / "rm"), lora_r=4,
+                              max_steps=1, batch_size=4, micro_batch_size=4, max_length=16, device="cpu"))
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_path, estimator):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}:"} for w in
+                                                       ("apple", "pear", "plum", "fig", "kiwi", "lime")])
+    settings = dict(lora_r=4, learning_rate=1e-2, iterations=2, batch_size=8, mini_batch_size=4,
+                    micro_batch_size=2, max_new_tokens=5, max_length=24, ppo_epochs=2, device="cpu",
+                    advantage_estimator=estimator, samples_per_prompt=2, normalize_scores=True,
+                    advantage_backend="torch")
+    one, two = tmp_path / "one", tmp_path / "two"
+    ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+                          output_dir=str(one), **settings))
+    torchrun(["ppo", *flags(model=tiny_model_dir, reward_model=reward_dir, prompts=prompts, output_dir=two,
+                            **settings)])
+    assert metric(two, "ppo/response_length") == metric(one, "ppo/response_length")  # the same samples
+    for key in ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/grad_norm"):
+        assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-4, abs=1e-6), key
+    adapter = "policy/adapter/policy/adapter_model.safetensors"
+    assert_same_tensors(load_file(one / adapter), load_file(two / adapter))
+    if estimator == "gae":
+        assert metric(two, "value/loss") == pytest.approx(metric(one, "value/loss"), rel=1e-4)
+        assert_same_tensors(load_file(one / "policy" / "value_head.safetensors"),
+                            load_file(two / "policy" / "value_head.safetensors"))
+
+
+# --- kill and resume --------------------------------------------------------------------------
+
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from rlhf_fast import distributed
+from rlhf_fast.training import runstate
+save = runstate.save
+def save_then_die(run_dir, step, *args, **kwargs):
+    path = save(run_dir, step, *args, **kwargs)
+    if step == {step} and distributed.current().main:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+runstate.save = save_then_die
+from rlhf_fast.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_two_ranks_killed_and_resumed_equal_the_uninterrupted_run(tiny_model_dir, sft_data, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    settings = dict(max_steps=4, save_every=2, lora_dropout=0.1, **SFT)  # dropout: each rank's RNG matters
+    torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=straight, **settings)])
+    script = tmp_path / "kill_after_checkpoint.py"
+    script.write_text(KILL_AFTER_CHECKPOINT.format(step=2))
+    process = torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=killed, **settings)],
+                       script=str(script), check=False)
+    assert process.returncode != 0 and f"exitcode  : -{int(signal.SIGKILL)}" in process.stderr, process.stderr[-2000:]
+    assert (killed / "checkpoints" / "step-000002").is_dir() and not (killed / "model").exists()
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(killed / "checkpoints", elsewhere / "checkpoints")
+    torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=killed, resume="true", **settings)])
+    assert metric(killed, "sft/loss") == pytest.approx(metric(straight, "sft/loss"), rel=1e-6)
+    assert_same_tensors(load_file(straight / "model" / "model.safetensors"),
+                        load_file(killed / "model" / "model.safetensors"), atol=1e-6)
+
+    # the same checkpoint on one process: another world size is an error that says so
+    with pytest.raises(CheckpointError, match="world_size: checkpoint 2, now '<unset>'"):
+        sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(sft_data), output_dir=str(elsewhere),
+                              resume=True, **settings))
