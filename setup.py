@@ -28,6 +28,7 @@ setup(
         "tokenizers",
         "pyyaml",
         "tqdm",
+        "datasets",  # parquet / arrow / json / csv files, saved datasets, hub names (imported only for them)
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis"],

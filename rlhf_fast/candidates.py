@@ -19,7 +19,7 @@ def sample_and_score(config, device, *, k: int, prompts_per_batch: int) -> list[
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, device=device, dtype=config.dtype, attn=config.attn_implementation)
     scorer = rewards.Scorer(config, load_reward_models(config.reward_directories(), device=device, dtype=config.dtype))
-    records = data.load_prompts(config.prompts)
+    records = data.load_prompts(data.source_of(config, "prompts"))
     results = []
     for first in range(0, len(records), prompts_per_batch):
         chunk = records[first:first + prompts_per_batch]

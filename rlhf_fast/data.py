@@ -1,28 +1,35 @@
-"""JSONL training records, their tokenisation, and batch padding.
+"""Training records, their tokenisation, and batch padding.
 
-Every loader reads one JSON object per line (blank lines are skipped) and either returns every
-record or raises `DataError` on the first bad line, with a message that starts with "path:line: "
-and says what was expected. Nothing is dropped silently. Keys a format does not use are ignored,
-so a file may carry ids or metadata beside the fields below.
+Every loader reads a source (rlhf_fast.sources: a JSONL file, one JSON object per line, blank
+lines skipped; or a parquet / arrow / json / csv file, a saved dataset directory or a hub dataset,
+through the `datasets` library) and either returns every record or raises `DataError` on the first
+bad one, with a message that starts with its location ("path:line: " for JSONL, "path row N: " for
+a `datasets` source) and says what was expected. Nothing is dropped silently. Keys a format does
+not use are ignored, so a source may carry ids or metadata beside the fields below; a
+`Source.columns` mapping reads a field from a differently named column (docs/data.md).
 
-Formats (one line each):
+Formats (one record each):
     SFT          {"prompt": "...", "response": "..."}
                  {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
     preferences  {"prompt": "...", "chosen": "...", "rejected": "..."}  + optional "margin" or "rating"
+                 {"chosen": [messages], "rejected": [messages]}  + optional "prompt": [messages] (TRL's
+                 conversational pairs: both end in the assistant's reply, after the same conversation)
     rankings     {"prompt": "...", "responses": ["best", ..., "worst"]}
     prompts      {"prompt": "..."}  + optional "tags": ["safety", ...] or "safety"
 """
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from itertools import combinations
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 
+from rlhf_fast import sources
 from rlhf_fast.errors import DataError
+# the stages' imports: the source of a config key, its companion options, JSONL lines
+from rlhf_fast.sources import Source, columns_option, json_type, read_jsonl, source_of, split_option  # noqa: F401
 
 
 # Llama 2 (Touvron et al. 2023), Table 28: the margin m(r) added to the binary ranking loss,
@@ -40,7 +47,7 @@ _RATING_ALIASES = {"negligibly better / unsure": "negligibly better",
 class SFTExample:
     prompt: str
     response: str
-    source: str  # "path:line"
+    source: str  # where it came from: "path:line" (JSONL) or "path row N" (rlhf_fast.sources)
 
 
 @dataclass(frozen=True)
@@ -71,45 +78,25 @@ def write_jsonl(path, records):
     return path
 
 
-def read_jsonl(path) -> Iterator[tuple[str, dict]]:
-    """Yield ("path:line", object) for every non-blank line; DataError on a line that is not an object."""
-    path = os.fspath(path)
-    found = False
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory; expected a JSONL file") from None
-    with f:
-        for number, raw in enumerate(f, start=1):
-            source = f"{path}:{number}"
-            if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                raise DataError(f"{source}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
-                                "save it as UTF-8")
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{source}: not valid UTF-8 ({e})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}: malformed JSON ({e.msg} at column {e.colno}); "
-                                "expected one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{source}: expected a JSON object, got {_json_type(record)}")
-            found = True
-            yield source, record
-    if not found:
-        raise DataError(f"{path}:1: empty file; expected one JSON object per line")
+def read_rows(source, fields: tuple[str, ...], what: str):
+    """(location, row) for each record of `source` (a path or a Source), its columns renamed to the
+    format's `fields`: rlhf_fast.sources.read_rows, for stages that read a format of their own."""
+    return sources.read_rows(source, fields, what)
 
 
-def _json_type(value) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+def _parse_rows(source, fields: tuple[str, ...], what: str, parse: Callable[[dict, str], list]) -> list:
+    """parse(row, location) -> [items] over every row of `source`, concatenated. An error about a
+    row of a source whose columns were renamed says which columns were read for which fields."""
+    items = []
+    for location, record in sources.read_rows(source, fields, what):
+        try:
+            items.extend(parse(record, location))
+        except DataError as e:
+            note = sources.columns_note(source)
+            if not note:
+                raise
+            raise DataError(f"{e}{note}") from None
+    return items
 
 
 def _text(record: dict, key: str, source: str, *, allow_empty: bool = False) -> str:
@@ -118,7 +105,7 @@ def _text(record: dict, key: str, source: str, *, allow_empty: bool = False) -> 
         raise DataError(f"{source}: missing field {key!r}; found fields {sorted(record)}")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{source}: field {key!r} must be a string, got {_json_type(value)}")
+        raise DataError(f"{source}: field {key!r} must be a string, got {json_type(value)}")
     if not allow_empty and not value.strip():
         raise DataError(f"{source}: field {key!r} is empty; expected non-blank text")
     return value
@@ -132,47 +119,56 @@ def _reject_both(record: dict, keys: tuple[str, str], source: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # SFT
 
-def load_sft(path, tokenizer=None) -> list[SFTExample]:
-    """Supervised fine-tuning examples from `{"prompt", "response"}` or `{"messages"}` lines.
+SFT_FIELDS = ("prompt", "response", "messages")
+
+
+def load_sft(source, tokenizer=None) -> list[SFTExample]:
+    """Supervised fine-tuning examples from `{"prompt", "response"}` or `{"messages"}` records of
+    `source` (a path or a Source).
 
     For `messages` the last message must be the assistant's: it is the response, and the earlier
     messages (earlier assistant turns included) become the prompt through the tokenizer's chat
     template with add_generation_prompt=True. Without a tokenizer, or one without a chat template,
     the prompt is the plain join "role: content\\n" per message followed by "assistant: ".
     """
-    examples = []
-    for source, record in read_jsonl(path):
-        _reject_both(record, ("messages", "prompt"), source)
-        if "messages" in record:
-            messages = _messages(record, source)
-            prompt = render_chat_prompt(messages[:-1], tokenizer)
-            response = messages[-1]["content"]
-        else:
-            prompt = _text(record, "prompt", source, allow_empty=True)
-            response = _text(record, "response", source)
-        examples.append(SFTExample(prompt, response, source))
-    return examples
+    return _parse_rows(source, SFT_FIELDS, "SFT", lambda record, location: [_sft_example(record, location, tokenizer)])
 
 
-def _messages(record: dict, source: str) -> list[dict]:
-    messages = record["messages"]
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{source}: field 'messages' must be an array of at least 2 messages "
-                        "(the conversation, then the assistant's reply)")
+def _sft_example(record: dict, source: str, tokenizer) -> SFTExample:
+    _reject_both(record, ("messages", "prompt"), source)
+    if "messages" in record:
+        messages = _messages(record["messages"], "messages", source, at_least=2,
+                             what="the conversation, then the assistant's reply")
+        prompt = render_chat_prompt(messages[:-1], tokenizer)
+        response = messages[-1]["content"]
+    else:
+        prompt = _text(record, "prompt", source, allow_empty=True)
+        response = _text(record, "response", source)
+    return SFTExample(prompt, response, source)
+
+
+def _messages(messages, key: str, source: str, *, at_least: int, what: str, reply: bool = True) -> list[dict]:
+    """record[key], a list of {"role", "content"} messages (other keys dropped); with `reply`, the
+    last must be the assistant's non-blank reply."""
+    if not isinstance(messages, list) or len(messages) < at_least:
+        plural = "s" if at_least > 1 else ""
+        raise DataError(f"{source}: field {key!r} must be an array of at least {at_least} message{plural} ({what})")
     for i, message in enumerate(messages):
-        where = f"{source}: messages[{i}]"
+        where = f"{source}: {key}[{i}]"
         if not isinstance(message, dict):
-            raise DataError(f"{where} must be an object with 'role' and 'content', got {_json_type(message)}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise DataError(f"{where}: missing field {key!r}; expected {{'role': ..., 'content': ...}}")
-            if not isinstance(message[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string, got {_json_type(message[key])}")
-    last = messages[-1]
-    if last["role"] != "assistant":
-        raise DataError(f"{source}: the last message must be the assistant's reply, got role {last['role']!r}")
-    if not last["content"].strip():
-        raise DataError(f"{source}: the last (assistant) message is empty; expected the response text")
+            raise DataError(f"{where} must be an object with 'role' and 'content', got {json_type(message)}")
+        for field_ in ("role", "content"):
+            if field_ not in message:
+                raise DataError(f"{where}: missing field {field_!r}; expected {{'role': ..., 'content': ...}}")
+            if not isinstance(message[field_], str):
+                raise DataError(f"{where}: field {field_!r} must be a string, got {json_type(message[field_])}")
+    if reply:
+        of = "" if key == "messages" else f" of {key!r}"
+        last = messages[-1]
+        if last["role"] != "assistant":
+            raise DataError(f"{source}: the last message{of} must be the assistant's reply, got role {last['role']!r}")
+        if not last["content"].strip():
+            raise DataError(f"{source}: the last (assistant) message{of} is empty; expected the response text")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -191,28 +187,57 @@ def render_chat_prompt(messages: list[dict], tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Preferences and rankings
 
-def load_preferences(path, margins: Mapping[str, float] = LLAMA2_MARGINS_SMALL) -> list[PreferencePair]:
-    """Preference pairs from pairwise and ranking lines (both may appear in one file).
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "margin", "rating", "responses", "ai_preference")
+
+
+def load_preferences(source, margins: Mapping[str, float] = LLAMA2_MARGINS_SMALL, *,
+                     tokenizer=None) -> list[PreferencePair]:
+    """Preference pairs from pairwise and ranking records of `source` (both may appear in one file).
 
     Pairwise `{"prompt", "chosen", "rejected"}` gives one pair of weight 1, with margin 0, the
     number in "margin", or `margins[rating]` for a Llama 2 "rating" label. A ranking
     `{"prompt", "responses": [best, ..., worst]}` of k responses gives all C(k,2) (better, worse)
     pairs, each of weight 1/C(k,2), so each ranked prompt counts once in a weighted mean
-    (InstructGPT, Ouyang et al. 2022), with margin 0.
+    (InstructGPT, Ouyang et al. 2022), with margin 0. TRL's conversational pairs (chosen and
+    rejected as message lists) are rendered as SFT's `messages` are, with `tokenizer`.
     """
-    pairs = []
-    for source, record in read_jsonl(path):
-        _reject_both(record, ("responses", "chosen"), source)
+    return _parse_rows(source, PREFERENCE_FIELDS, "preference",
+                       lambda record, location: _preference_pairs(record, location, margins, tokenizer))
+
+
+def _preference_pairs(record: dict, source: str, margins: Mapping[str, float], tokenizer) -> list[PreferencePair]:
+    _reject_both(record, ("responses", "chosen"), source)
+    if isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list):
+        prompt, chosen, rejected = _conversational_pair(record, source, tokenizer)
+    else:
         prompt = _text(record, "prompt", source, allow_empty=True)
         if "responses" in record:
-            pairs.extend(_ranking_pairs(prompt, record, source))
-            continue
+            return _ranking_pairs(prompt, record, source)
         chosen = _text(record, "chosen", source)
         rejected = _text(record, "rejected", source)
-        if chosen == rejected:
-            raise DataError(f"{source}: 'chosen' and 'rejected' are the same text; expected two different responses")
-        pairs.append(PreferencePair(prompt, chosen, rejected, _margin(record, margins, source), 1.0, source))
-    return pairs
+    if chosen == rejected:
+        raise DataError(f"{source}: 'chosen' and 'rejected' are the same text; expected two different responses")
+    return [PreferencePair(prompt, chosen, rejected, _margin(record, margins, source), 1.0, source)]
+
+
+def _conversational_pair(record: dict, source: str, tokenizer) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of TRL's conversational format: "chosen" and "rejected" are message
+    lists ending in the assistant's reply after the same earlier messages, and "prompt", when given,
+    the messages before those (TRL's explicit prompt; without it the prompt is implicit)."""
+    what = "ending in the assistant's reply"
+    chosen = _messages(record.get("chosen"), "chosen", source, at_least=1, what=what)
+    rejected = _messages(record.get("rejected"), "rejected", source, at_least=1, what=what)
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(f"{source}: 'chosen' and 'rejected' must hold the same messages before their last "
+                        "(assistant) message")
+    context = chosen[:-1]
+    if "prompt" in record:
+        context = _messages(record["prompt"], "prompt", source, at_least=1, reply=False,
+                            what="the conversation before the replies") + context
+    if not context:
+        raise DataError(f"{source}: no conversation before the replies; give 'prompt' as messages, or 'chosen' "
+                        "and 'rejected' as whole conversations")
+    return render_chat_prompt(context, tokenizer), chosen[-1]["content"], rejected[-1]["content"]
 
 
 def _margin(record: dict, margins: Mapping[str, float], source: str) -> float:
@@ -252,20 +277,24 @@ def _ranking_pairs(prompt: str, record: dict, source: str) -> list[PreferencePai
 # ---------------------------------------------------------------------------------------------
 # Prompts
 
-def load_prompts(path) -> list[PromptRecord]:
+PROMPT_FIELDS = ("prompt", "tags")
+
+
+def load_prompts(source) -> list[PromptRecord]:
     """Prompts for generation (PPO, rejection sampling); "tags" is a string or a list of strings; the
-    line's other keys are kept in `fields` (reward functions receive them)."""
-    records = []
-    for source, record in read_jsonl(path):
-        prompt = _text(record, "prompt", source)
-        tags = record.get("tags", [])
-        if isinstance(tags, str):
-            tags = [tags]
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise DataError(f"{source}: field 'tags' must be a string or an array of strings, got {tags!r}")
-        others = {k: v for k, v in record.items() if k not in ("prompt", "tags")}
-        records.append(PromptRecord(prompt, tuple(tags), source, others))
-    return records
+    record's other keys are kept in `fields` (reward functions receive them)."""
+    return _parse_rows(source, PROMPT_FIELDS, "prompt", lambda record, location: [_prompt_record(record, location)])
+
+
+def _prompt_record(record: dict, source: str) -> PromptRecord:
+    prompt = _text(record, "prompt", source)
+    tags = record.get("tags", [])
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise DataError(f"{source}: field 'tags' must be a string or an array of strings, got {tags!r}")
+    others = {k: v for k, v in record.items() if k not in ("prompt", "tags")}
+    return PromptRecord(prompt, tuple(tags), source, others)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Callable
 
 from rlhf_fast import data
 from rlhf_fast.config import ConfigError, option, require
+from rlhf_fast.data import PROMPT_FIELDS, SFT_FIELDS, columns_option, split_option
 from rlhf_fast.constitution import Constitution, Principle, load_constitution
 from rlhf_fast.device import pick_device
 from rlhf_fast.errors import DataError
@@ -52,7 +53,10 @@ class CAIConfig(SamplingConfig, SupervisedConfig):
     principles drawn from a constitution, then SFT on the final revisions; optionally the pairs (and, with a
     Python judge, the preferences) for RL-CAI."""
 
-    prompts: str = option("", "(red-team) prompt JSONL file")
+    prompts: str = option("", "(red-team) prompt source: JSONL, parquet, arrow, json or csv file, "
+                              "saved dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     constitution: str = option("", "constitution YAML: principles with critique_request and revision_request")
     revision_rounds: int = option(1, "critique-revision rounds per response, a principle drawn for each "
                                      "(Bai et al. used up to 4)", min=1)
@@ -66,7 +70,9 @@ class CAIConfig(SamplingConfig, SupervisedConfig):
     revision_max_new_tokens: int = option(64, "model reviser: token budget of a revision", min=1)
     output_stop: str = option("\n\n", "model critic/reviser: text is cut at the first occurrence of this "
                                       "('' = keep it all)")
-    helpful_data: str = option("", "SFT JSONL mixed into the training set (helpfulness samples)")
+    helpful_data: str = option("", "SFT source mixed into the training set (helpfulness samples; docs/data.md)")
+    helpful_data_columns: dict[str, str] = columns_option("helpful_data", SFT_FIELDS)
+    helpful_data_split: str = split_option("helpful_data")
     rl_pairs: bool = option(False, "after SL-CAI, sample two responses per prompt from the SL-CAI model into "
                                    "pairs.jsonl for RL-CAI's labeller")
     judge_function: str = option("", "'module:function' judging the pairs by a principle's preference question: "
@@ -76,7 +82,7 @@ class CAIConfig(SamplingConfig, SupervisedConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_sampling()
-        require(self.prompts, "prompts", "a (red-team) prompt JSONL file")
+        require(self.prompts, "prompts", "a (red-team) prompt source (docs/data.md)")
         require(self.constitution, "constitution", "a constitution YAML file")
         constitution = load_constitution(self.constitution)
         for key, role in (("critic_function", "critic function"), ("reviser_function", "reviser function"),
@@ -179,7 +185,7 @@ def critique_and_revise(prompts: list[str], responses: list[str], constitution: 
 def revise(config: CAIConfig, constitution: Constitution, output: Path) -> dict:
     """Steps 1-2: sample, critique and revise; writes revisions.jsonl and train.jsonl; returns stats."""
     device = pick_device(config.device)
-    records = data.load_prompts(config.prompts)
+    records = data.load_prompts(data.source_of(config, "prompts"))
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, device=device, dtype=config.dtype, attn=config.attn_implementation)
     seed_everything(config.seed)
@@ -201,7 +207,8 @@ def revise(config: CAIConfig, constitution: Constitution, output: Path) -> dict:
     chains, counts = critique_and_revise(prompts, initial, constitution, critic, reviser, config.revision_rounds,
                                          random.Random(config.seed))
     train = [{"prompt": c["prompt"], "response": c["response"]} for c in chains if c["response"].strip()]
-    helpful = [r for _, r in data.read_jsonl(config.helpful_data)] if config.helpful_data else []
+    helpful = ([r for _, r in data.read_rows(data.source_of(config, "helpful_data"), SFT_FIELDS, "SFT")]
+               if config.helpful_data else [])
     if not train and not helpful:
         raise DataError(f"cai: every one of the {len(chains)} final responses is empty; nothing to train on")
     write_jsonl_atomic(output / "revisions.jsonl", chains)
@@ -225,7 +232,7 @@ def sample_pairs(config: CAIConfig, constitution: Constitution, policy: Path, pa
     tokenizer = load_tokenizer(policy, padding_side="left")
     model = load_causal_lm(policy, device=device, dtype=config.dtype, attn=config.attn_implementation)
     seed_everything(config.seed + 1)
-    prompts = [r.prompt for r in data.load_prompts(config.prompts)]
+    prompts = [r.prompt for r in data.load_prompts(data.source_of(config, "prompts"))]
     texts = sample_texts(model, tokenizer, prompts, config, num_samples=2, prompts_per_batch=config.micro_batch_size)
     pairs = [{"prompt": p, "responses": ts} for p, ts in zip(prompts, texts)]
     judged = constitution.judged()

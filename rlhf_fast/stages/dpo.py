@@ -28,6 +28,7 @@ import torch
 from rlhf_fast import data
 from rlhf_fast.batching import batch_indices
 from rlhf_fast.config import ConfigError, option, require
+from rlhf_fast.data import PREFERENCE_FIELDS, columns_option, split_option
 from rlhf_fast.device import autocast, module_device
 from rlhf_fast.errors import DataError
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
@@ -49,7 +50,10 @@ SOFT_LABELLED = ("sigmoid", "simpo")
 class DPOConfig(TrainConfig):
     """DPO / IPO / SLiC / robust DPO / SimPO on the preference or ranking JSONL that `rm` reads."""
 
-    data: str = option("", "preference or ranking JSONL file")
+    data: str = option("", "preference or ranking source: JSONL, parquet, arrow, json or csv file, "
+                           "saved dataset directory or hub dataset (docs/data.md)")
+    data_columns: dict[str, str] = columns_option("data", PREFERENCE_FIELDS)
+    data_split: str = split_option("data")
     loss_type: str = option("sigmoid", "'sigmoid' (DPO), 'ipo', 'hinge' (SLiC), 'robust' (robust DPO), 'simpo' "
                                        "(reference-free, length-normalised)", choices=LOSS_TYPES)
     beta: float = option(0.1, "beta: strength of the KL anchor to the reference (SimPO's paper uses ~2)", above=0.0)
@@ -71,7 +75,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.data, "data", "a preference or ranking JSONL file")
+        require(self.data, "data", "a preference or ranking source (docs/data.md)")
         if self.label_smoothing > 0 and self.loss_type not in SMOOTHED:
             raise ConfigError(f"label_smoothing applies to loss_type {', '.join(SMOOTHED)}; {self.loss_type!r} "
                               "does not read it")
@@ -106,7 +110,7 @@ def soft_labels(path) -> dict[str, float]:
     """{"path:line": ai_preference} of the lines that carry one (a number in [0.5, 1]: the chosen side
     is the one the labeller preferred); DataError naming a line with another value."""
     labels = {}
-    for source, record in data.read_jsonl(path):
+    for source, record in data.read_rows(path, PREFERENCE_FIELDS, "preference"):
         if "ai_preference" in record:
             value = record["ai_preference"]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value <= 1:
@@ -232,8 +236,8 @@ def run(config: DPOConfig) -> Path:
     # the data is read and checked before the model loads
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     margins = data.LLAMA2_MARGINS_SMALL if config.margin_set == "small" else data.LLAMA2_MARGINS_LARGE
-    pairs = data.load_preferences(config.data, margins)
-    labels = soft_labels(config.data) if config.soft_labels else None
+    pairs = data.load_preferences(data.source_of(config, "data"), margins, tokenizer=tokenizer)
+    labels = soft_labels(data.source_of(config, "data")) if config.soft_labels else None
     train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
     train = encode_pairs(train_pairs, tokenizer, config.max_length, split="training", labels=labels)
     held_out = encode_pairs(eval_pairs, tokenizer, config.max_length, split="held-out", labels=labels)

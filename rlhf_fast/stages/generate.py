@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlhf_fast.candidates import sample_and_score, select_best
 from rlhf_fast.config import check_fields, option, require
-from rlhf_fast.data import write_jsonl
+from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option, write_jsonl
 from rlhf_fast.device import pick_device
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import SamplingConfig
@@ -20,7 +20,10 @@ class GenerateConfig(RewardConfig, SamplingConfig):
     """Best-of-N responses to {"prompt"} JSONL lines."""
 
     model: str = option("", "local Hugging Face model directory to sample from")
-    prompts: str = option("", "prompt JSONL file")
+    prompts: str = option("", "prompt source: JSONL, parquet, arrow, json or csv file, "
+                              "saved dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     output: str = option("generations.jsonl", "where each prompt's best response goes (candidates: *.all.jsonl)")
     best_of: int = option(4, "N: samples drawn per prompt, the best kept", min=1)
     batch_size: int = option(8, "prompts per generate call", min=1)
@@ -34,7 +37,7 @@ class GenerateConfig(RewardConfig, SamplingConfig):
         self.check_rewards()
         self.check_sampling()
         require(self.model, "model", "a local Hugging Face model directory")
-        require(self.prompts, "prompts", "a prompt JSONL file")
+        require(self.prompts, "prompts", "a prompt source (docs/data.md)")
 
 
 def run(config: GenerateConfig) -> Path:

@@ -26,6 +26,7 @@ import torch
 
 from rlhf_fast import data
 from rlhf_fast.config import ConfigError, option, require
+from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
 from rlhf_fast.errors import DataError
 from rlhf_fast.feedback import call_function, check_template, load_function, sample_texts, write_jsonl_atomic
@@ -46,7 +47,10 @@ class HIRConfig(RewardConfig, SamplingConfig, SupervisedConfig):
     instruction it satisfies (a feedback function or a reward threshold), fine-tune; several rounds.
     The training keys apply to each round's fine-tuning."""
 
-    prompts: str = option("", "prompt (query) JSONL file")
+    prompts: str = option("", "prompt (query) source: JSONL, parquet, arrow, json or csv file, "
+                              "saved dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     instruction_template: str = option("{instruction} {prompt}", "the model's input: a template with the "
                                                                   "placeholders {instruction} and {prompt}")
     goal_instruction: str = option("Give a correct answer.", "the instruction responses are sampled with, and "
@@ -65,7 +69,7 @@ class HIRConfig(RewardConfig, SamplingConfig, SupervisedConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_sampling()
-        require(self.prompts, "prompts", "a prompt JSONL file")
+        require(self.prompts, "prompts", "a prompt source (docs/data.md)")
         check_template(self.instruction_template, "instruction_template", TEMPLATE_FIELDS)
         for key in ("goal_instruction", "failure_instruction"):
             if not getattr(self, key).strip():
@@ -237,7 +241,7 @@ def run(config: HIRConfig) -> Path:
     """Every round; returns the last round's model directory."""
     output = Path(config.output_dir)
     prepare_steps(config, output, "round-*", "a HIR run")
-    records = data.load_prompts(config.prompts)
+    records = data.load_prompts(data.source_of(config, "prompts"))
     policy, all_stats = Path(config.model), []
     for index in range(1, config.rounds + 1):
         round_dir = output / f"round-{index}"

@@ -22,6 +22,7 @@ import torch
 
 from rlhf_fast import data, judges
 from rlhf_fast.config import ConfigError, check_fields, option
+from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
 from rlhf_fast.errors import DataError
 from rlhf_fast.models.loading import check_model_dir, load_causal_lm, load_tokenizer
@@ -29,15 +30,22 @@ from rlhf_fast.models.reward import read_reward_config
 from rlhf_fast.rollout import SamplingConfig, sample_with
 from rlhf_fast.seeding import seed_everything
 
+CANDIDATE_FIELDS = ("prompt", "responses", "criteria")  # a candidates record: {"prompt", "responses": [...]}
+
 
 @dataclass
 class LabelConfig(SamplingConfig):
     """Preference pairs labelled by an AI judge (LM or reward model) from candidate responses."""
 
     candidates: str = option("", "JSONL of {\"prompt\", \"responses\": [...]} to label (or sample them: policy + "
-                                 "prompts)")
+                                 "prompts); any source: docs/data.md")
+    candidates_columns: dict[str, str] = columns_option("candidates", CANDIDATE_FIELDS)
+    candidates_split: str = split_option("candidates")
     policy: str = option("", "model directory to sample candidates from, for the prompts in `prompts`")
-    prompts: str = option("", "prompt JSONL file (with policy)")
+    prompts: str = option("", "prompt source (with policy): JSONL, parquet, arrow, json or csv file, saved "
+                              "dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     samples_per_prompt: int = option(2, "candidates sampled per prompt (every pair of them is labelled)", min=2)
     judge: str = option("", "LM judge: a local causal-LM directory")
     reward_model: str = option("", "or a reward model as the judge: a directory written by `rlhf-fast rm`")
@@ -92,7 +100,7 @@ def read_candidates(path) -> list[dict]:
     optional "criteria" text); DataError naming the line when responses is not a list of at least 2
     strings."""
     records = []
-    for source, record in data.read_jsonl(path):
+    for source, record in data.read_rows(path, CANDIDATE_FIELDS, "candidates"):
         prompt = record.get("prompt")
         if not isinstance(prompt, str):
             raise DataError(f"{source}: field 'prompt' must be a string; expected {{\"prompt\", \"responses\": [...]}}")
@@ -124,7 +132,7 @@ def check_criteria(config: LabelConfig, records: list[dict]) -> None:
 @torch.no_grad()
 def sample_candidates(config: LabelConfig, device) -> list[dict]:
     """samples_per_prompt responses per prompt from the policy, through the rollout engine."""
-    records = data.load_prompts(config.prompts)
+    records = data.load_prompts(data.source_of(config, "prompts"))
     tokenizer = load_tokenizer(config.policy, padding_side="left", trust_remote_code=config.trust_remote_code)
     policy = load_causal_lm(config.policy, device=device, dtype=config.dtype, attn=config.attn_implementation,
                             trust_remote_code=config.trust_remote_code)
@@ -198,10 +206,10 @@ def run(config: LabelConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
     # 0. everything checkable before a model loads
-    candidates = read_candidates(config.candidates) if config.candidates else None
+    candidates = read_candidates(data.source_of(config, "candidates")) if config.candidates else None
     if candidates is None:
         check_criteria(config, [{"criteria": r.fields.get("criteria"), "source": r.source}
-                                for r in data.load_prompts(config.prompts)])
+                                for r in data.load_prompts(data.source_of(config, "prompts"))])
         check_model_dir(config.policy)
     else:
         check_criteria(config, candidates)

@@ -24,6 +24,7 @@ from rlhf_fast import data, estimators, kernels, rewards
 from rlhf_fast.batching import collate
 from rlhf_fast.checkpoint import atomic_directory, check_finite
 from rlhf_fast.config import ConfigError, check_divides, option, require
+from rlhf_fast.data import PROMPT_FIELDS, SFT_FIELDS, columns_option, split_option
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
@@ -45,7 +46,10 @@ from rlhf_fast.training.optim import OptimizerStep, build_optimizer
 class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     """PPO on {"prompt"} JSONL against a reward model saved by `rlhf-fast rm`."""
 
-    prompts: str = option("", "prompt JSONL file")
+    prompts: str = option("", "prompt source: JSONL, parquet, arrow, json or csv file, "
+                              "saved dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     advantage_estimator: str = option("gae", "'gae' (PPO with a value function), or critic-free: 'grpo', "
                                              "'dr_grpo', 'rloo', 'reinforce_pp' (no value head, no value "
                                              "optimiser state)", choices=estimators.ESTIMATORS)
@@ -89,7 +93,9 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
     value_init_from_reward: bool = option(False, "start the value head (and, in adapter mode, the value "
                                                  "adapter) from the reward model's; else V = 0")
     offload_reference: bool = option(False, "full fine-tuning: keep the frozen reference on the CPU")
-    ptx_data: str = option("", "SFT JSONL for the PPO-ptx pretraining-mix term (empty = off)")
+    ptx_data: str = option("", "SFT source for the PPO-ptx pretraining-mix term (empty = off; docs/data.md)")
+    ptx_data_columns: dict[str, str] = columns_option("ptx_data", SFT_FIELDS)
+    ptx_data_split: str = split_option("ptx_data")
     ptx_coef: float = option(0.0, "weight of the PPO-ptx NLL term (InstructGPT's gamma)", min=0.0)
 
     def __post_init__(self):
@@ -110,7 +116,7 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
             raise ConfigError(f"value_init_from_reward: {self.advantage_estimator} trains no value function")
         if self.value_init_from_reward and not self.reward_directories():
             raise ConfigError("value_init_from_reward needs a reward model to copy")
-        require(self.prompts, "prompts", "a prompt JSONL file")
+        require(self.prompts, "prompts", "a prompt source (docs/data.md)")
 
     @property
     def critic_free(self) -> bool:
@@ -187,7 +193,8 @@ class PPOTrainer:
         self.config = config
         seed_everything(config.seed)
         rundir.prepare(config, "ppo")
-        records = data.load_prompts(config.prompts)  # data and reward models checked before any model loads
+        # the data and the reward models are checked before any model loads
+        records = data.load_prompts(data.source_of(config, "prompts"))
         for directory in config.reward_directories().values():
             read_reward_config(directory)
         model, self.tokenizer, self.device = load_trainable_lm(config, "policy", padding_side="left")
@@ -255,7 +262,7 @@ class PPOTrainer:
     def _ptx_examples(self):
         if not self.config.ptx_data:
             return []
-        examples = data.load_sft(self.config.ptx_data, self.tokenizer)
+        examples = data.load_sft(data.source_of(self.config, "ptx_data"), self.tokenizer)
         return [data.encode_pair(self.tokenizer, e.prompt, e.response, self.config.max_length, source=e.source)
                 for e in examples]
 

@@ -24,6 +24,7 @@ from rlhf_fast import data
 from rlhf_fast.batching import encode_examples
 from rlhf_fast.candidates import sample_and_score
 from rlhf_fast.config import ConfigError, option, require
+from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
 from rlhf_fast.errors import DataError
 from rlhf_fast.feedback import write_jsonl_atomic
@@ -43,7 +44,10 @@ class ReSTConfig(RewardConfig, SamplingConfig, SupervisedConfig):
     Improve steps of fine-tuning on the samples above rising reward thresholds. The training keys
     (epochs, max_steps, learning_rate, ...) apply to each Improve step."""
 
-    prompts: str = option("", "prompt JSONL file")
+    prompts: str = option("", "prompt source: JSONL, parquet, arrow, json or csv file, "
+                              "saved dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     samples_per_prompt: int = option(8, "N: responses sampled per prompt in each Grow step", min=1)
     grow_steps: int = option(1, "G: Grow steps, each sampling a new dataset from the latest policy", min=1)
     thresholds: list[float] = option([50.0, 75.0, 90.0], "tau_1 < ... < tau_I, one Improve step each: samples "
@@ -61,7 +65,7 @@ class ReSTConfig(RewardConfig, SamplingConfig, SupervisedConfig):
         super().__post_init__()
         self.check_rewards()
         self.check_sampling()
-        require(self.prompts, "prompts", "a prompt JSONL file")
+        require(self.prompts, "prompts", "a prompt source (docs/data.md)")
         check_thresholds(self.thresholds, self.threshold_kind)
         if self.packing and self.improve_loss != "nll":
             raise ConfigError("packing: not supported with improve_loss 'reward_weighted' (one row per example)")

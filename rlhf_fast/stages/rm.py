@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from rlhf_fast import data
 from rlhf_fast.batching import batch_indices
 from rlhf_fast.config import ConfigError, option, require
+from rlhf_fast.data import PREFERENCE_FIELDS, columns_option, split_option
 from rlhf_fast.errors import DataError
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger
@@ -34,14 +35,17 @@ from rlhf_fast.training.optim import OptimizerStep, build_optimizer, total_steps
 class RMConfig(TrainConfig):
     """Reward model from {"prompt", "chosen", "rejected"} or {"prompt", "responses"} JSONL."""
 
-    data: str = option("", "preference or ranking JSONL file")
+    data: str = option("", "preference or ranking source: JSONL, parquet, arrow, json or csv file, "
+                           "saved dataset directory or hub dataset (docs/data.md)")
+    data_columns: dict[str, str] = columns_option("data", PREFERENCE_FIELDS)
+    data_split: str = split_option("data")
     eval_fraction: float = option(0.1, "share of prompts held out to report accuracy", min=0.0, below=1.0)
     margin_set: str = option("small", "Llama 2 rating -> margin map: 'small' or 'large'", choices=("small", "large"))
     adapter_name: str = option("reward", "name of the reward adapter (e.g. helpful, safety)")
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.data, "data", "a preference or ranking JSONL file")
+        require(self.data, "data", "a preference or ranking source (docs/data.md)")
         if not self.adapter_name.isidentifier():
             raise ConfigError(f"adapter_name must be a plain name (letters, digits, _), got {self.adapter_name!r}")
 
@@ -116,7 +120,7 @@ def run(config: RMConfig) -> Path:
     # the data is read and checked before the model loads
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     margins = data.LLAMA2_MARGINS_SMALL if config.margin_set == "small" else data.LLAMA2_MARGINS_LARGE
-    pairs = distinct_pairs(data.load_preferences(config.data, margins))
+    pairs = distinct_pairs(data.load_preferences(data.source_of(config, "data"), margins, tokenizer=tokenizer))
     train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
     train = encode_pairs(train_pairs, tokenizer, config.max_length, split="training")
     held_out = encode_pairs(eval_pairs, tokenizer, config.max_length, split="held-out")

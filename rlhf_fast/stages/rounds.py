@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_fast.config import ConfigError, build_config, check_fields, option
+from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.models.loading import merge_saved_adapter
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.stages import ppo, rm, rs
@@ -24,7 +25,9 @@ class RoundsConfig(RewardConfig):
     and `ppo` (PPOConfig keys), run in that order."""
 
     model: str = option("", "the SFT model directory the first round samples from")
-    prompts: str = option("", "prompt JSONL file for rejection sampling and PPO")
+    prompts: str = option("", "prompt source for rejection sampling and PPO (any source: docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     output_dir: str = option("runs/rounds", "round i writes to <output_dir>/round-<i>")
     seed: int = option(0, "seed for every step")
     device: str = option("auto", "'auto', 'cuda' or 'cpu' for every step")
@@ -43,6 +46,10 @@ class RoundsConfig(RewardConfig):
 
 def shared(config: RoundsConfig) -> dict:
     return {"seed": config.seed, "device": config.device}
+
+
+def prompt_keys(config: RoundsConfig) -> dict:
+    return {"prompts": config.prompts, "prompts_columns": config.prompts_columns, "prompts_split": config.prompts_split}
 
 
 def reward_keys(config: RoundsConfig, reward_models: dict) -> dict:
@@ -65,13 +72,13 @@ def round_configs(config: RoundsConfig, i: int, round_: dict, policy: str, rewar
     refreshed = {**reward_models, **{name: str(out / f"rm-{name}" / "reward") for name in configs["rm"]}}
     if "rs" in round_:
         configs["rs"] = build_config(rs.RSConfig, {
-            **shared(config), **reward_keys(config, refreshed), "model": policy, "prompts": config.prompts,
+            **shared(config), **reward_keys(config, refreshed), "model": policy, **prompt_keys(config),
             "previous_best": previous_best, "output_dir": str(out / "rs"), **round_["rs"]},
             source=f"rounds[{i}].rs")
         policy = str(out / "rs" / "sft" / "model")
     if "ppo" in round_:
         configs["ppo"] = build_config(ppo.PPOConfig, {
-            **shared(config), **reward_keys(config, refreshed), "model": policy, "prompts": config.prompts,
+            **shared(config), **reward_keys(config, refreshed), "model": policy, **prompt_keys(config),
             "output_dir": str(out / "ppo"), **round_["ppo"]}, source=f"rounds[{i}].ppo")
     return configs
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from rlhf_fast import data
 from rlhf_fast.candidates import sample_and_score, select_best
 from rlhf_fast.config import option, require
+from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
 from rlhf_fast.errors import CheckpointError
 from rlhf_fast.metrics import MetricsLogger
@@ -29,7 +30,10 @@ from rlhf_fast.training.supervised import SupervisedConfig, train_supervised
 class RSConfig(RewardConfig, SamplingConfig, SupervisedConfig):
     """Rejection sampling: best of K samples per {"prompt"} JSONL line, then SFT on the keepers."""
 
-    prompts: str = option("", "prompt JSONL file")
+    prompts: str = option("", "prompt source: JSONL, parquet, arrow, json or csv file, "
+                              "saved dataset directory or hub dataset (docs/data.md)")
+    prompts_columns: dict[str, str] = columns_option("prompts", PROMPT_FIELDS)
+    prompts_split: str = split_option("prompts")
     samples_per_prompt: int = option(4, "K: samples drawn per prompt", min=2)
     previous_best: str = option("", "train.jsonl of the previous round: its keepers stay in the training set")
 
@@ -37,7 +41,7 @@ class RSConfig(RewardConfig, SamplingConfig, SupervisedConfig):
         super().__post_init__()
         self.check_rewards()
         self.check_sampling()
-        require(self.prompts, "prompts", "a prompt JSONL file")
+        require(self.prompts, "prompts", "a prompt source (docs/data.md)")
 
 
 def _prepare(config: RSConfig, output: Path) -> bool:

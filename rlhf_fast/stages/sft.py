@@ -10,16 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_fast.config import require
+from rlhf_fast.data import SFT_FIELDS, columns_option, split_option
 from rlhf_fast.training.supervised import SupervisedConfig, train_supervised
 
 
 @dataclass
 class SFTConfig(SupervisedConfig):
-    """Supervised fine-tuning on {"prompt", "response"} or {"messages"} JSONL."""
+    """Supervised fine-tuning on {"prompt", "response"} or {"messages"} records (docs/data.md)."""
+
+    data_columns: dict[str, str] = columns_option("data", SFT_FIELDS)
+    data_split: str = split_option("data")
 
     def __post_init__(self):
         super().__post_init__()
-        require(self.data, "data", "an SFT JSONL file")
+        require(self.data, "data", "an SFT source (docs/data.md)")
 
 
 def run(config: SFTConfig) -> Path:

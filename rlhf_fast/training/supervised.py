@@ -27,7 +27,8 @@ from rlhf_fast.training.optim import OptimizerStep, build_optimizer, total_steps
 class SupervisedConfig(TrainConfig):
     """Supervised fine-tuning on {"prompt", "response"} or {"messages"} JSONL."""
 
-    data: str = option("", "SFT JSONL file")
+    data: str = option("", "SFT source: JSONL, parquet, arrow, json or csv file, "
+                           "saved dataset directory or hub dataset (docs/data.md)")
     packing: bool = option(False, "pack examples into rows of max_length tokens (attention stays inside "
                                   "each example) instead of padding each one")
 
@@ -38,7 +39,7 @@ def train_supervised(config: SupervisedConfig) -> Path:
     output = rundir.prepare(config, "sft")
     # the data is read and checked before the model loads: a bad line costs seconds, not a model load
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    examples = data.load_sft(config.data, tokenizer)
+    examples = data.load_sft(data.source_of(config, "data"), tokenizer)
     encoded = encode_examples(examples, tokenizer, config.max_length)
     if config.packing:
         rows = pack(encoded, config.max_length)
