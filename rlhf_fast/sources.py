@@ -21,6 +21,7 @@ mapped to null is not read at all, for a source with a column the format should 
 `X_split`, the split of a hub dataset or of a saved DatasetDict (default: train, or a DatasetDict's
 only split). A null cell counts as an absent field: parquet and arrow cannot leave a cell out.
 """
+import csv
 import json
 import os
 import re
@@ -201,8 +202,7 @@ def _load_dataset(source: Source, kind: str):
         if kind == "saved":
             loaded = datasets.load_from_disk(source.path)
         else:
-            # a CSV cell is read as written: an empty cell is "", not null, and "NA" or "None" stay text
-            options = {"keep_default_na": False} if kind == "csv" else {}
+            options = _csv_options(source.path, datasets) if kind == "csv" else {}
             loaded = datasets.load_dataset(kind, data_files=source.path, split="train", **options)
     except Exception as e:  # a corrupt or unparsable file: the library's own words
         raise DataError(f"{source.path}: cannot be read as {'a saved dataset' if kind == 'saved' else kind} "
@@ -214,6 +214,15 @@ def _load_dataset(source: Source, kind: str):
         raise ConfigError(f"{source.option('split')}: {source.split!r} given, but {source.path} is a {what}, "
                           "which has no splits; splits apply to hub datasets and saved DatasetDicts")
     return loaded, source.path
+
+
+def _csv_options(path: str, datasets) -> dict:
+    """Every CSV cell as text, as written: "42" stays "42" (not 42.0), an empty cell is "" (not
+    null), "NA" is "NA"; the column names come from the header row."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False}
 
 
 def _split_name(source: Source, splits) -> str:

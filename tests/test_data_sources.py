@@ -80,7 +80,8 @@ def same_records_as_jsonl(loaded, from_jsonl, kind, path, jsonl_path):
 
 
 SFT = [{"prompt": "say hi", "response": "hi", "id": 1}, {"prompt": "", "response": "x", "id": 2},
-       {"prompt": "count", "response": "1 2 3", "id": 3}]
+       {"prompt": "count", "response": "1 2 3", "id": 3}, {"prompt": "6 x 7?", "response": "42", "id": 4},
+       {"prompt": "NA", "response": "None", "id": 5}]
 CHATS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
          {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "again"},
                        {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"},
@@ -104,7 +105,7 @@ CASES = [(name, kind) for name, (_, _, kinds) in FORMATS.items() for kind in kin
 @pytest.mark.parametrize("name, kind", CASES, ids=[f"{n}-{k}" for n, k in CASES])
 def test_each_source_loads_the_records_of_the_equivalent_jsonl(tmp_path, name, kind):
     records, loader, _ = FORMATS[name]
-    if kind == "csv":  # a CSV cell is text: the ids come back as numbers only where the reader guesses so
+    if kind == "csv":  # every CSV cell is text, the ids too
         records = [{k: v for k, v in r.items() if k != "id"} for r in records]
     jsonl = write_source("jsonl", records, tmp_path)
     path = write_source(kind, records, tmp_path)
