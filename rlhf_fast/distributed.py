@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.tensor
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,14 @@ def all_across(flag: bool) -> bool:
 
 def reduce_gradients(params) -> None:
     """Sum every parameter's gradient over ranks, in one flat buffer per dtype (a rank that had no
-    data for a parameter adds zeros). Sharded (FSDP2) gradients arrive already reduced and are left."""
-    if current().size == 1:
+    data for a parameter adds zeros). Sharded (FSDP2) gradients arrive reduce-scattered as means
+    and are made sums."""
+    world = current()
+    if world.size == 1:
         return
+    for p in params:
+        if p.grad is not None and _is_sharded(p.grad):
+            p.grad.mul_(world.size)
     params = [p for p in params if p.requires_grad and not _is_sharded(p)]
     for p in params:
         if p.grad is None:
@@ -142,7 +148,26 @@ def reduce_gradients(params) -> None:
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "DTensor"
+    return isinstance(p, torch.distributed.tensor.DTensor)
+
+
+def sharded_grad_norm(params) -> torch.Tensor | None:
+    """The global L2 norm of the gradients of params of which some are sharded (FSDP2 DTensors):
+    a shard's squares are summed over the ranks, a whole gradient's counted once. None when no
+    gradient is sharded (torch's own norm applies)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(_is_sharded(g) for g in grads):
+        return None
+    device = _comm_device()
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    whole = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        if _is_sharded(g):
+            sharded += g.to_local().double().pow(2).sum().to(device)
+        else:
+            whole += g.double().pow(2).sum().to(device)
+    dist.all_reduce(sharded)
+    return (sharded + whole).sqrt()
 
 
 def gather_rows(tensor: torch.Tensor, pad_value=0) -> torch.Tensor:

@@ -9,7 +9,7 @@ import string
 
 import torch
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.config import ConfigError
 from rlhf_fast.errors import UserError
 from rlhf_fast.rewards import load_reward_function
@@ -66,7 +66,9 @@ def check_template(template: str, key: str, needed: tuple[str, ...], optional: t
 def sample_texts(model, tokenizer, prompts: list[str], sampling: SamplingConfig, *, num_samples: int,
                  prompts_per_batch: int) -> list[list[str]]:
     """`num_samples` decoded responses per prompt text from a loaded model, through the rollout
-    engine (prompts encoded by data.encode_prompt, as every stage encodes them)."""
+    engine (prompts encoded by data.encode_prompt, as every stage encodes them). Under torchrun
+    each rank samples its share of the prompts and every rank returns them all, in order."""
+    prompts = prompts[distributed.share(len(prompts))]
     texts = []
     for first in range(0, len(prompts), prompts_per_batch):
         chunk = prompts[first:first + prompts_per_batch]
@@ -74,12 +76,14 @@ def sample_texts(model, tokenizer, prompts: list[str], sampling: SamplingConfig,
                               num_samples=num_samples)
         decoded = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
         texts += [decoded[i * num_samples:(i + 1) * num_samples] for i in range(len(chunk))]
-    return texts
+    return [text for part in distributed.gather_objects(texts) for text in part]
 
 
 def write_jsonl_atomic(path, records) -> None:
     """data.write_jsonl to a temporary name, then renamed: a killed write never leaves a file that
-    a resumed run would take as complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    data.write_jsonl(tmp, records)
-    tmp.replace(path)
+    a resumed run would take as complete. Under torchrun rank 0 writes (every rank holds the records)."""
+    def write():
+        tmp = path.with_name(f".{path.name}.tmp")
+        data.write_jsonl(tmp, records)
+        tmp.replace(path)
+    distributed.on_main(write)

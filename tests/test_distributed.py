@@ -106,6 +106,19 @@ def test_sft_on_two_ranks_equals_one_process(tiny_model_dir, sft_data, tmp_path)
     assert not (two / "checkpoints").exists() or not any((two / "checkpoints").iterdir())
 
 
+@pytest.mark.parametrize("lora_r", [4, 0])
+def test_sft_sharded_with_fsdp_on_two_ranks_equals_one_process(tiny_model_dir, sft_data, tmp_path, lora_r):
+    settings = {**SFT, "lora_r": lora_r, "learning_rate": 1e-2 if lora_r else 1e-3, "max_steps": 3}
+    one, two = tmp_path / "one", tmp_path / "two"
+    sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(sft_data), output_dir=str(one), **settings))
+    torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=two, fsdp="true", **settings)])
+    assert metric(two, "sft/loss") == pytest.approx(metric(one, "sft/loss"), rel=1e-5)
+    assert metric(two, "sft/grad_norm") == pytest.approx(metric(one, "sft/grad_norm"), rel=1e-4)
+    trained = load_file(one / "model" / "model.safetensors")
+    assert_trained(load_file(tiny_model_dir / "model.safetensors"), trained)
+    assert_same_tensors(trained, load_file(two / "model" / "model.safetensors"))
+
+
 def test_reward_model_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     prefs = write_jsonl(tmp_path / "prefs.jsonl",
                         [{"prompt": f"q{i}:", "chosen": " apple pie", "rejected": f" dog {i}", "rating": "better"}
@@ -130,8 +143,8 @@ def reward_dir(tiny_model_dir, tmp_path_factory):
                               max_steps=1, batch_size=4, micro_batch_size=4, max_length=16, device="cpu"))
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_path, estimator):
+@pytest.mark.parametrize("estimator,fsdp", [("gae", False), ("grpo", False), ("gae", True)])
+def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_path, estimator, fsdp):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}:"} for w in
                                                        ("apple", "pear", "plum", "fig", "kiwi", "lime")])
     settings = dict(lora_r=4, learning_rate=1e-2, iterations=2, batch_size=8, mini_batch_size=4,
@@ -142,7 +155,7 @@ def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_pat
     ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
                           output_dir=str(one), **settings))
     torchrun(["ppo", *flags(model=tiny_model_dir, reward_model=reward_dir, prompts=prompts, output_dir=two,
-                            **settings)])
+                            fsdp=str(fsdp).lower(), **settings)])  # fsdp: the frozen base sharded, sampled from
     assert metric(two, "ppo/response_length") == metric(one, "ppo/response_length")  # the same samples
     for key in ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/grad_norm"):
         assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-4, abs=1e-6), key
@@ -172,9 +185,14 @@ main(sys.argv[1:])
 """
 
 
-def test_two_ranks_killed_and_resumed_equal_the_uninterrupted_run(tiny_model_dir, sft_data, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["data-parallel", "fsdp"])
+def test_two_ranks_killed_and_resumed_equal_the_uninterrupted_run(tiny_model_dir, sft_data, tmp_path, sharded):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    settings = dict(max_steps=4, save_every=2, lora_dropout=0.1, **SFT)  # dropout: each rank's RNG matters
+    # data parallel: LoRA with dropout (each rank's RNG state matters); fsdp: full fine-tuning, so the
+    # trainable weights and optimiser state are sharded (torch.distributed.checkpoint)
+    settings = ({**SFT, "lora_r": 0, "learning_rate": 1e-3, "fsdp": "true"} if sharded else
+                {**SFT, "lora_dropout": 0.1})
+    settings.update(max_steps=4, save_every=2)
     torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=straight, **settings)])
     script = tmp_path / "kill_after_checkpoint.py"
     script.write_text(KILL_AFTER_CHECKPOINT.format(step=2))
@@ -182,6 +200,7 @@ def test_two_ranks_killed_and_resumed_equal_the_uninterrupted_run(tiny_model_dir
                        script=str(script), check=False)
     assert process.returncode != 0 and f"exitcode  : -{int(signal.SIGKILL)}" in process.stderr, process.stderr[-2000:]
     assert (killed / "checkpoints" / "step-000002").is_dir() and not (killed / "model").exists()
+    assert (killed / "checkpoints" / "step-000002" / "sharded").is_dir() == sharded
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(killed / "checkpoints", elsewhere / "checkpoints")
     torchrun(["sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=killed, resume="true", **settings)])
@@ -192,4 +211,4 @@ def test_two_ranks_killed_and_resumed_equal_the_uninterrupted_run(tiny_model_dir
     # the same checkpoint on one process: another world size is an error that says so
     with pytest.raises(CheckpointError, match="world_size: checkpoint 2, now '<unset>'"):
         sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(sft_data), output_dir=str(elsewhere),
-                              resume=True, **settings))
+                              resume=True, **{**settings, "fsdp": sharded}))

@@ -12,6 +12,7 @@ from rlhf_fast.config import ConfigError
 from rlhf_fast.device import pick_device, pick_dtype
 from rlhf_fast.errors import ModelDirError
 from rlhf_fast.models.adapters import add_lora, load_lora, merge_into_base
+from rlhf_fast.models.sharding import plain_copy
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
@@ -102,9 +103,12 @@ def load_trainable_lm(config, adapter_name: str, *, padding_side: str = "right",
     return model, tokenizer, device
 
 
-def save_model_dir(model, tokenizer, path) -> None:
+def save_model_dir(model, tokenizer, path, state=None) -> None:
     """A plain HF model directory (adapters merged) that the next stage loads like any model;
-    written whole or not at all, and never with non-finite weights."""
+    written whole or not at all, and never with non-finite weights. `state`: the whole state dict
+    of a sharded (FSDP2) model, gathered to this rank, which is saved instead of its shards."""
+    if state is not None:
+        model = plain_copy(model, state)
     merged = merge_into_base(model)
     check_finite(dict(merged.named_parameters()), str(path))
     with atomic_directory(path) as tmp:

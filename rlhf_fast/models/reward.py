@@ -16,6 +16,7 @@ from rlhf_fast.errors import ModelDirError
 from rlhf_fast.models.adapters import active_adapter, load_lora
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_causal_lm
+from rlhf_fast.models.sharding import plain_copy
 from rlhf_fast.models.trunk import last_hidden, last_token_index, unwrap_peft
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "head.safetensors"
@@ -36,18 +37,21 @@ class RewardModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.head(hidden[rows, last_token_index(attention_mask)])
 
-    def save(self, directory, base=None) -> Path:
+    def save(self, directory, base=None, state=None) -> Path:
         """Write the reward model to `directory` whole or not at all; non-finite weights are refused.
         `base`: the model directory an adapter was trained on, recorded so that the reward model
-        can later be loaded on its own (rejection sampling scores a policy that has moved on)."""
+        can later be loaded on its own (rejection sampling scores a policy that has moved on).
+        `state`: the trunk's whole state dict when it is sharded (FSDP2), gathered to this rank."""
         directory = Path(directory)
-        trained = {n: p for n, p in self.named_parameters() if p.requires_grad or self.adapter is None}
+        trunk = self.trunk if state is None else plain_copy(self.trunk, state)
+        trained = {n: p for n, p in [*trunk.named_parameters(), *self.head.named_parameters()]
+                   if p.requires_grad or self.adapter is None}
         check_finite(trained, str(directory))
         with atomic_directory(directory) as tmp:
             if self.adapter is not None:
-                self.trunk.save_pretrained(str(tmp / "adapter"), selected_adapters=[self.adapter])
+                trunk.save_pretrained(str(tmp / "adapter"), selected_adapters=[self.adapter])
             else:
-                unwrap_peft(self.trunk).save_pretrained(tmp / "model")
+                unwrap_peft(trunk).save_pretrained(tmp / "model")
             self.head.save(tmp / HEAD_FILE)
             kind = "adapter" if self.adapter is not None else "model"
             (tmp / CONFIG_FILE).write_text(json.dumps({"kind": kind, "adapter_name": self.adapter,

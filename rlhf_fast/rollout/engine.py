@@ -12,6 +12,7 @@ One call of `RolloutEngine.sample`:
 Position ids are cumsum(attention_mask) - 1, as `models.trunk.last_hidden` makes them in
 training, so a token is scored at the position it was sampled at.
 """
+import contextlib
 import inspect
 import weakref
 
@@ -22,6 +23,7 @@ from transformers import StaticCache
 from rlhf_fast import distributed
 from rlhf_fast.data import pad_batch
 from rlhf_fast.device import autocast, module_device
+from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import unwrap_peft
 from rlhf_fast.rollout.frame import Rollout
 from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, choose_tokens
@@ -142,10 +144,11 @@ class RolloutEngine:
         sampling = (temperature, top_k, top_p, do_sample)
         # a share draws each step's noise as the whole batch in one generation batch would
         noise_rows = None if share.stop - share.start == whole_batch else max(self.kv_cache_rows(whole_batch), whole_batch)
-        pieces = [self._generate(module, prompt_ids[first:first + batch], prompt_mask[first:first + batch],
-                                 padded, cache_length, max_new_tokens, sampling, generator,
-                                 None if noise_rows is None else (noise_rows, share.start + first))
-                  for first in range(0, rows, batch)]
+        with evaluating(module):
+            pieces = [self._generate(module, prompt_ids[first:first + batch], prompt_mask[first:first + batch],
+                                     padded, cache_length, max_new_tokens, sampling, generator,
+                                     None if noise_rows is None else (noise_rows, share.start + first))
+                      for first in range(0, rows, batch)]
         return self._assemble(prompt_ids, prompt_mask, pieces)
 
     # 1. the view
@@ -153,6 +156,11 @@ class RolloutEngine:
         model = self._model()
         if model is None:
             raise RuntimeError("rollout engine: its model no longer exists")
+        if is_sharded(model):
+            # FSDP2: decode through the sharded model itself, each layer's weights all-gathered for
+            # every decoding step (its hooks do it), so not captured in a CUDA graph
+            self.weights, self.compile = "sharded", False
+            return model
         if self._view is None or not self._view.matches(model):
             self.weights = resolve_weights(self.requested_weights, model, self.device)
             self._view = GenerationView(model, "merged_copy" if self.weights == "merged_copy" else "lora")
@@ -305,6 +313,18 @@ class RolloutEngine:
         frame_logprobs[:, prompt_length - 1:] = logprobs
         return Rollout(torch.cat([prompt_ids, tokens], dim=1), attention_mask, token_mask[:, 1:].clone(),
                        prompt_length, ended, frame_logprobs)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """`module` in eval mode (no dropout) inside, each submodule's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -20,6 +20,9 @@ class TrainConfig:
                         choices=("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
     attn_implementation: str = option("auto", "'auto' (flash_attention_2 if installed, else sdpa), or any HF name")
     trust_remote_code: bool = option(False, "allow model code from the model directory (off: safer)")
+    fsdp: bool = option(False, "under torchrun: shard the decoder over the ranks with FSDP2 (with LoRA the frozen "
+                               "base; with full fine-tuning every decoder weight, its gradient and optimiser "
+                               "state); off: every rank holds the whole model (data parallel)")
     lora_r: int = option(16, "LoRA rank; 0 = full fine-tuning", min=0)
     lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)", above=0)
     lora_dropout: float = option(0.0, "LoRA dropout", min=0.0, below=1.0)

@@ -10,6 +10,7 @@ from rlhf_fast import distributed
 from rlhf_fast.errors import CheckpointError
 from rlhf_fast.memory import peak_memory_gb
 from rlhf_fast.metrics import MetricsLogger
+from rlhf_fast.models import sharding
 from rlhf_fast.training import rundir, runstate
 
 
@@ -103,9 +104,11 @@ def _checkpoint(config, step: int, modules: dict, stepper, stage_state) -> Path:
                          stage_state=None if stage_state is None else stage_state(), keep_last=config.keep_last)
 
 
-def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, stepper, stage_state=None):
+def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, stepper, stage_state=None,
+               sharded=None):
     """save_fn() -> path of the final model; then the run is marked finished. Under torchrun rank 0
-    writes it (every rank holds the same weights) and every rank returns its path.
+    writes it and every rank returns its path. `sharded`: the model save_fn writes, when it may be
+    sharded (FSDP2): its whole state dict is gathered to rank 0 first, and save_fn(state) gets it.
 
     If it fails (a full disk), the trained state is written as a checkpoint of the final step
     where possible, and the error says where it is and how to finish: nothing trained is lost
@@ -113,7 +116,8 @@ def save_final(config, name: str, save_fn, *, num_steps: int, modules: dict, ste
     """
     output = Path(config.output_dir)
     try:
-        path = distributed.on_main(save_fn)
+        state = None if sharded is None else sharding.full_state_dict(sharded)  # every rank: a collective
+        path = distributed.on_main(save_fn if state is None else lambda: save_fn(state))
     except (OSError, RuntimeError) as error:
         try:
             kept = _checkpoint(config, num_steps, modules, stepper, stage_state)

@@ -13,10 +13,12 @@ from typing import Callable
 
 import torch
 
+from rlhf_fast import distributed
 from rlhf_fast.batching import batch_indices, collate
 from rlhf_fast.config import ConfigError
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
+from rlhf_fast.models import sharding
 from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm, save_model_dir
 from rlhf_fast.models.logprobs import counted_positions, sequence_logprobs
 from rlhf_fast.seeding import seed_everything
@@ -57,6 +59,8 @@ def train_objective(config: SupervisedConfig, encode: Callable, micro_loss: Micr
     items = encode(tokenizer)
     num_steps = total_steps(config, len(items))
     model, tokenizer, device = load_trainable_lm(config, stage, tokenizer=tokenizer)
+    if config.fsdp:
+        sharding.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)
     stepper = OptimizerStep(params, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
@@ -69,23 +73,24 @@ def train_objective(config: SupervisedConfig, encode: Callable, micro_loss: Micr
     def train_step(step: int) -> dict:
         batch = [items[i] for i in batch_indices(len(items), config.batch_size, config.seed, step)]
         total, sums = 0.0, {}
-        for first in range(0, len(batch), config.micro_batch_size):
+        for micro in distributed.micro_batches(batch, config.micro_batch_size):  # this rank's share
             with autocast(device, dtype):
-                loss, metrics = micro_loss(model, batch[first:first + config.micro_batch_size], batch,
-                                           pad_id=tokenizer.pad_token_id, device=device)
+                loss, metrics = micro_loss(model, micro, batch, pad_id=tokenizer.pad_token_id, device=device)
             loss.backward()
             total += loss.item()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        return {f"{stage}/loss": total, **sums, f"{stage}/grad_norm": stepper(total)}
+        keys = sorted(sums)
+        total, *values = distributed.sum_across(total, *(sums[k] for k in keys))
+        return {f"{stage}/loss": total, **dict(zip(keys, values)), f"{stage}/grad_norm": stepper(total)}
 
     modules = {"policy": model}
     logger = run_steps(config, stage, train_step, num_steps=num_steps, modules=modules, stepper=stepper,
                        device=device)
     logger.close()
     model_dir = output / "model"
-    save_final(config, stage, lambda: save_model_dir(model, tokenizer, model_dir), num_steps=num_steps,
-               modules=modules, stepper=stepper)
+    save_final(config, stage, lambda state=None: save_model_dir(model, tokenizer, model_dir, state),
+               num_steps=num_steps, modules=modules, stepper=stepper, sharded=model)
     print(f"{stage}: model written to {model_dir}; peak memory {peak_memory_gb(device):.2f} GB")
     return model_dir
 
@@ -113,4 +118,4 @@ def fine_tune_step(config: SupervisedConfig, policy, train_file, output, *, enco
 def prepare_steps(config, output: Path, pattern: str, what: str) -> None:
     """A multi-step stage's output directory: one holding `pattern` directories (an earlier run) is
     refused unless config.resume (continue it) or config.overwrite (clear it first)."""
-    rundir.claim(output, config, any(output.glob(pattern)), lambda: what)
+    distributed.on_main(lambda: rundir.claim(output, config, any(output.glob(pattern)), lambda: what))

@@ -3,6 +3,7 @@ skip a non-finite loss or gradient."""
 import math
 
 import torch
+import torch.distributed.tensor
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from rlhf_fast import distributed
@@ -40,6 +41,7 @@ class OptimizerStep:
 
     def __init__(self, params, optimizer, scheduler, *, max_grad_norm: float, max_skipped: int):
         self.params, self.optimizer, self.scheduler = list(params), optimizer, scheduler
+        self.sharded = any(isinstance(p, torch.distributed.tensor.DTensor) for p in self.params)
         self.max_grad_norm, self.max_skipped = max_grad_norm, max_skipped
         self.skipped = 0         # over the run
         self.skipped_in_row = 0
@@ -48,7 +50,10 @@ class OptimizerStep:
         """One optimiser step on the accumulated gradients; returns the pre-clip gradient norm
         (NaN or inf when the step was skipped)."""
         distributed.reduce_gradients(self.params)
-        total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        sharded_norm = distributed.sharded_grad_norm(self.params) if self.sharded else None
+        total = (sharded_norm if sharded_norm is not None else
+                 torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
         norm = float(total)
         if not math.isfinite(norm) or (loss is not None and not math.isfinite(loss)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -63,8 +68,13 @@ class OptimizerStep:
                     "good step: lower learning_rate or check the data (max_skipped_steps sets the limit)")
             return norm
         self.skipped_in_row = 0
-        clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        torch.nn.utils.clip_grads_with_norm_(self.params, clip, total)
+        if sharded_norm is not None:
+            coef = min(1.0, clip / (norm + 1e-6))
+            for p in self.params:
+                if p.grad is not None and coef < 1.0:
+                    p.grad.mul_(coef)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, total)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -9,14 +9,23 @@ with other settings is an error that lists them, and a corrupt newest checkpoint
 passed over for the previous complete one.
 
 Under torchrun every rank holds the same trainable state (data parallel): rank 0 writes it, with
-every rank's RNG states beside it, and each rank restores its own on resume.
+every rank's RNG states beside it, and each rank restores its own on resume. Where the trainable
+weights are sharded (FSDP2, full fine-tuning), they and the optimiser state go through
+torch.distributed.checkpoint instead, every rank writing its shards into <step>/sharded/.
 """
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+import torch.distributed.tensor
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from rlhf_fast import checkpoint, distributed
 from rlhf_fast.errors import CheckpointError
@@ -25,6 +34,8 @@ TRAINABLE_FILE = "trainable.safetensors"
 STAGE_STATE = "stage_state"
 SETTINGS_FILE = "run_settings.json"
 RANK_RNG = "rank_rng"
+SHARDED_DIR = "sharded"
+SHARDED_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 
 
 def _trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -40,23 +51,58 @@ def save(run_dir, step: int, modules: dict[str, nn.Module], optimizer, scheduler
     generator's state), numbers, strings, lists and dicts; `settings` is plain JSON. Every rank
     calls it; rank 0 writes."""
     ranks = distributed.gather_objects(checkpoint.rng_state())
-    return distributed.on_main(lambda: _write(run_dir, step, modules, optimizer, scheduler, settings=settings,
-                                              stage_state=stage_state, keep_last=keep_last, rank_rngs=ranks))
-
-
-def _write(run_dir, step, modules, optimizer, scheduler, *, settings, stage_state, keep_last, rank_rngs) -> Path:
     final = checkpoint.checkpoint_dir(run_dir, step)
-    with checkpoint.atomic_directory(final) as tmp:
-        checkpoint.save_tensors(Path(tmp) / TRAINABLE_FILE, _trainable_state(modules))
-        checkpoint.save_training_state(tmp, optimizer=optimizer, scheduler=scheduler, step=step)
-        checkpoint.save_state_dict(tmp, STAGE_STATE, stage_state or {})
-        if len(rank_rngs) > 1:
-            checkpoint.save_state_dict(tmp, RANK_RNG, {"ranks": [{"tensors": t, "states": s} for t, s in rank_rngs]})
-        (Path(tmp) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
+    files = dict(step=step, scheduler=scheduler, settings=settings, stage_state=stage_state, rank_rngs=ranks)
+    sharded = _sharded_module(modules)
+    if sharded is None:
+        def write():
+            with checkpoint.atomic_directory(final) as tmp:
+                checkpoint.save_tensors(Path(tmp) / TRAINABLE_FILE, _trainable_state(modules))
+                _write_files(tmp, optimizer=optimizer, **files)
+        distributed.on_main(write)
+    else:
+        _save_sharded(final, sharded, optimizer, files)
     if keep_last:
-        for old in checkpoint.checkpoints(run_dir)[keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
+        distributed.on_main(lambda: [shutil.rmtree(old, ignore_errors=True)
+                                     for old in checkpoint.checkpoints(run_dir)[keep_last:]])
     return final
+
+
+def _write_files(tmp, *, step, optimizer, scheduler, settings, stage_state, rank_rngs) -> None:
+    checkpoint.save_training_state(tmp, optimizer=optimizer, scheduler=scheduler, step=step)
+    checkpoint.save_state_dict(tmp, STAGE_STATE, stage_state or {})
+    if len(rank_rngs) > 1:
+        checkpoint.save_state_dict(tmp, RANK_RNG, {"ranks": [{"tensors": t, "states": s} for t, s in rank_rngs]})
+    (Path(tmp) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
+
+
+def _sharded_module(modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The one module whose trainable weights are sharded (FSDP2), or None when none is."""
+    sharded = [m for m in modules.values()
+               if any(isinstance(p, torch.distributed.tensor.DTensor) for p in m.parameters() if p.requires_grad)]
+    if len(modules) > 1 and sharded:
+        raise NotImplementedError("sharded checkpoints hold one trainable module per stage")
+    return sharded[0] if sharded else None
+
+
+def _sharded_state(module: nn.Module, optimizer) -> dict:
+    return {"model": get_model_state_dict(module, options=SHARDED_OPTIONS),
+            "optim": get_optimizer_state_dict(module, optimizer, options=SHARDED_OPTIONS)}
+
+
+def _save_sharded(final: Path, module: nn.Module, optimizer, files: dict) -> None:
+    """Rank 0 opens the atomic directory, every rank writes its shards into it (dcp.save), rank 0
+    writes the rest and moves it into place; a failure anywhere leaves no partial checkpoint."""
+    state = _sharded_state(module, optimizer)
+    stack = contextlib.ExitStack()
+    tmp = distributed.on_main(lambda: stack.enter_context(checkpoint.atomic_directory(final)))
+    try:
+        dcp.save(state, checkpoint_id=str(Path(tmp) / SHARDED_DIR))
+        distributed.on_main(lambda: _write_files(tmp, optimizer=None, **files))
+    except BaseException:
+        if not stack.__exit__(*sys.exc_info()):
+            raise
+    distributed.on_main(stack.close)
 
 
 def _read(directory: Path) -> dict:
@@ -69,11 +115,25 @@ def _read(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{settings_path}: not valid JSON ({e})") from None
     world = distributed.current()
-    return {"trainable": checkpoint.load_tensors(directory / TRAINABLE_FILE),
+    sharded = directory / SHARDED_DIR
+    if sharded.is_dir() and not (sharded / ".metadata").is_file():
+        raise CheckpointError(f"{sharded}: no .metadata (an incomplete sharded checkpoint)")
+    return {"trainable": None if sharded.is_dir() else checkpoint.load_tensors(directory / TRAINABLE_FILE),
+            "sharded": sharded if sharded.is_dir() else None,
             "training": checkpoint.read_training_state(directory),
             "stage": checkpoint.load_state_dict(directory, STAGE_STATE),
             "rank_rng": checkpoint.load_state_dict(directory, RANK_RNG)["ranks"][world.rank] if world.size > 1 else None,
             "settings": settings}
+
+
+def _load_sharded(directory: Path, modules: dict[str, nn.Module], optimizer) -> None:
+    module = _sharded_module(modules)
+    if module is None:
+        raise CheckpointError(f"{directory}: a sharded checkpoint, but this run's weights are not sharded (fsdp)")
+    state = _sharded_state(module, optimizer)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(module, state["model"], options=SHARDED_OPTIONS)
+    set_optimizer_state_dict(module, optimizer, state["optim"], options=SHARDED_OPTIONS)
 
 
 def _differences(saved: dict, now: dict) -> list[str]:
@@ -109,9 +169,12 @@ def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, sett
     step = saved["training"]["step"]
     if step > num_steps:
         raise CheckpointError(f"{directory}: the checkpoint is at step {step}, past this run's {num_steps} steps")
+    if saved["sharded"] is not None:
+        _load_sharded(saved["sharded"], modules, optimizer)
+        optimizer = None  # restored with the shards
     for role, module in modules.items():
         params = dict(module.named_parameters())
-        for key, value in saved["trainable"].items():
+        for key, value in (saved["trainable"] or {}).items():
             owner, _, name = key.partition("/")
             if owner == role:
                 if name not in params:
