@@ -2,7 +2,7 @@
 generation (and ReST's Grow step) share."""
 import torch
 
-from rlhf_fast import data, rewards
+from rlhf_fast import data, distributed, rewards
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.reward import load_reward_models
 from rlhf_fast.rollout import sample_with
@@ -14,12 +14,14 @@ def sample_and_score(config, device, *, k: int, prompts_per_batch: int) -> list[
     scores holds each reward model's (and reward function's) own scores beside the combined `rewards`.
 
     `config` carries model, dtype, attn_implementation, prompts, the SamplingConfig fields and the
-    RewardConfig fields (RSConfig and GenerateConfig both do).
+    RewardConfig fields (RSConfig and GenerateConfig both do). Under torchrun each rank samples
+    its share of the prompts and every rank returns them all, in order.
     """
     tokenizer = load_tokenizer(config.model, padding_side="left")
     policy = load_causal_lm(config.model, device=device, dtype=config.dtype, attn=config.attn_implementation)
     scorer = rewards.Scorer(config, load_reward_models(config.reward_directories(), device=device, dtype=config.dtype))
     records = data.load_prompts(data.source_of(config, "prompts"))
+    records = records[distributed.share(len(records))]
     results = []
     for first in range(0, len(records), prompts_per_batch):
         chunk = records[first:first + prompts_per_batch]
@@ -34,7 +36,7 @@ def sample_and_score(config, device, *, k: int, prompts_per_batch: int) -> list[
             rows = slice(i * k, (i + 1) * k)
             results.append({"prompt": record.prompt, "responses": texts[rows], "rewards": combined[rows].tolist(),
                             "scores": {name: value[rows].tolist() for name, value in scores.items()}})
-    return results
+    return [result for part in distributed.gather_objects(results) for result in part]
 
 
 def select_best(samples: list[dict]) -> list[dict]:

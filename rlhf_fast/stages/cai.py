@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.config import ConfigError, option, require
 from rlhf_fast.data import PROMPT_FIELDS, SFT_FIELDS, columns_option, split_option
 from rlhf_fast.constitution import Constitution, Principle, load_constitution
@@ -296,7 +296,7 @@ def run(config: CAIConfig) -> Path:
         print(f"cai: {output / 'train.jsonl'} is written; resuming at the fine-tuning")
     else:
         stats = revise(config, constitution, output)
-        (output / "stats.json").write_text(json.dumps(stats) + "\n")
+        distributed.on_main(lambda: (output / "stats.json").write_text(json.dumps(stats) + "\n"))
     policy = fine_tune_step(config, config.model, output / "train.jsonl", output / "sft")
     if config.rl_pairs or config.judge_function:
         rl_cai_data(config, constitution, policy, output)

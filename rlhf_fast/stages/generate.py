@@ -6,6 +6,7 @@ as in PPO), and writes each prompt's best, with its reward, and every candidate 
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_fast import distributed
 from rlhf_fast.candidates import sample_and_score, select_best
 from rlhf_fast.config import check_fields, option, require
 from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option, write_jsonl
@@ -40,14 +41,18 @@ class GenerateConfig(RewardConfig, SamplingConfig):
         require(self.prompts, "prompts", "a prompt source (docs/data.md)")
 
 
+def _write(output: Path, samples: list[dict], best: list[dict]) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(output.with_suffix(".all.jsonl"), samples)
+    write_jsonl(output, best)
+
+
 def run(config: GenerateConfig) -> Path:
     seed_everything(config.seed)
     samples = sample_and_score(config, pick_device(config.device), k=config.best_of,
                                prompts_per_batch=config.batch_size)
     output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(output.with_suffix(".all.jsonl"), samples)
     best = select_best(samples)
-    write_jsonl(output, best)
+    distributed.on_main(lambda: _write(output, samples, best))  # every rank holds them all
     print(f"generate: best of {config.best_of} for {len(best)} prompts written to {output}")
     return output

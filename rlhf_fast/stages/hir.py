@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.config import ConfigError, option, require
 from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
@@ -251,7 +251,7 @@ def run(config: HIRConfig) -> Path:
         else:
             write_round(config, policy, records, round_dir, index)    # 1-2. sample, relabel
         stats = round_stats(config, [r for _, r in data.read_jsonl(round_dir / "samples.jsonl")], policy, index)
-        (round_dir / "stats.json").write_text(json.dumps(stats) + "\n")
+        distributed.on_main(lambda: (round_dir / "stats.json").write_text(json.dumps(stats) + "\n"))
         all_stats.append(stats)
         # 3. fine-tune on the relabelled pairs
         if config.contrastive_coef > 0:
@@ -260,6 +260,6 @@ def run(config: HIRConfig) -> Path:
                                     micro_loss=contrastive_loss(config.contrastive_coef))
         else:
             policy = fine_tune_step(config, policy, train_file, round_dir / "sft")
-    data.write_jsonl(output / "rounds.jsonl", all_stats)
+    distributed.on_main(lambda: data.write_jsonl(output / "rounds.jsonl", all_stats))
     print(f"hir: final policy {policy}; ask it with {model_input(config, config.goal_instruction, '<prompt>')!r}")
     return policy

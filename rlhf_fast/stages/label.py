@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast import data, judges
+from rlhf_fast import data, distributed, judges
 from rlhf_fast.config import ConfigError, check_fields, option
 from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
@@ -131,8 +131,10 @@ def check_criteria(config: LabelConfig, records: list[dict]) -> None:
 
 @torch.no_grad()
 def sample_candidates(config: LabelConfig, device) -> list[dict]:
-    """samples_per_prompt responses per prompt from the policy, through the rollout engine."""
+    """samples_per_prompt responses per prompt from the policy, through the rollout engine (under
+    torchrun each rank samples its share of the prompts; every rank returns them all)."""
     records = data.load_prompts(data.source_of(config, "prompts"))
+    records = records[distributed.share(len(records))]
     tokenizer = load_tokenizer(config.policy, padding_side="left", trust_remote_code=config.trust_remote_code)
     policy = load_causal_lm(config.policy, device=device, dtype=config.dtype, attn=config.attn_implementation,
                             trust_remote_code=config.trust_remote_code)
@@ -145,7 +147,7 @@ def sample_candidates(config: LabelConfig, device) -> list[dict]:
         out += [{"prompt": r.prompt, "responses": texts[i * k:(i + 1) * k], "criteria": r.fields.get("criteria"),
                  "source": r.source} for i, r in enumerate(chunk)]
     del policy
-    return out
+    return [candidate for part in distributed.gather_objects(out) for candidate in part]
 
 
 def candidate_pairs(candidates: list[dict]) -> tuple[list[tuple[str, str, str, str | None]], int, int]:
@@ -219,9 +221,8 @@ def run(config: LabelConfig) -> Path:
     # 1. candidates
     if candidates is None:
         candidates = sample_candidates(config, device)
-        data.write_jsonl(output.with_suffix(".candidates.jsonl"),
-                         [{k: c[k] for k in ("prompt", "responses", "criteria") if c[k] is not None}
-                          for c in candidates])
+        written = [{k: c[k] for k in ("prompt", "responses", "criteria") if c[k] is not None} for c in candidates]
+        distributed.on_main(lambda: data.write_jsonl(output.with_suffix(".candidates.jsonl"), written))
     pairs, blank, duplicate = candidate_pairs(candidates)
     if blank or duplicate:
         print(f"label: skipped {blank} blank and {duplicate} duplicate responses")
@@ -229,7 +230,7 @@ def run(config: LabelConfig) -> Path:
         raise DataError(f"no pair to label: {len(candidates)} prompts have fewer than 2 distinct non-blank responses")
     # 2-3. the labeller's preference for each pair
     labelled = label_pairs(load_judge(config, device), pairs, config.min_preference)
-    data.write_jsonl(output, labelled)
+    distributed.on_main(lambda: data.write_jsonl(output, labelled))
     mean = sum(r["ai_preference"] for r in labelled) / max(len(labelled), 1)
     print(f"label: {len(labelled)} of {len(pairs)} pairs written to {output} (mean ai_preference {mean:.3f}, "
           f"min_preference {config.min_preference})")

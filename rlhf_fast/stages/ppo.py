@@ -14,13 +14,17 @@ Each iteration:
                           term) + clipped value loss with a critic (+ PPO-ptx);
   6. the KL controller adapts beta toward a target KL (Ziegler et al., 2019), if asked.
 `rlhf-fast grpo` is this stage with GRPO's defaults (GRPOConfig).
+
+Under torchrun each rank samples, scores and makes the experience of its share of the batch's
+rows; the experience is then gathered, so advantages, whitening and the KL controller see the whole
+batch as one process would, and each rank trains on its share of every minibatch's micro-batches.
 """
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf_fast import data, estimators, kernels, rewards
+from rlhf_fast import data, distributed, estimators, kernels, rewards
 from rlhf_fast.batching import collate
 from rlhf_fast.checkpoint import atomic_directory, check_finite
 from rlhf_fast.config import ConfigError, check_divides, option, require
@@ -28,6 +32,7 @@ from rlhf_fast.data import PROMPT_FIELDS, SFT_FIELDS, columns_option, split_opti
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.models.adapters import add_lora, load_lora, set_trainable
+from rlhf_fast.models import sharding
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_trainable_lm
 from rlhf_fast.models.logprobs import response_nll
@@ -117,6 +122,13 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
         if self.value_init_from_reward and not self.reward_directories():
             raise ConfigError("value_init_from_reward needs a reward model to copy")
         require(self.prompts, "prompts", "a prompt source (docs/data.md)")
+
+    def check_world(self, world: distributed.World) -> None:
+        """Every rank gets whole micro-batches of each minibatch (batch_size then follows)."""
+        super().check_world(world)
+        if world.size > 1:
+            check_divides(self.mini_batch_size, self.micro_batch_size * world.size,
+                          f"mini_batch_size / (micro_batch_size x {world.size} ranks)")
 
     @property
     def critic_free(self) -> bool:
@@ -212,6 +224,8 @@ class PPOTrainer:
         value_head = None if config.critic_free else self._value_head(model.config.hidden_size)
         self.actor = (ActorCritic(model, value_head, value_mode=config.value_mode) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference, config.value_mode))
+        if config.fsdp:
+            sharding.shard(self.actor.model)  # every adapter is on; the full fine-tuning reference stays whole
         self.engine = RolloutEngine(self.actor.model, self.tokenizer, generation_weights=config.generation_weights,
                                     generation_batch_size=config.generation_batch_size, max_length=config.max_length)
         self.records = records
@@ -273,11 +287,13 @@ class PPOTrainer:
     # 1. rollout
     def rollout(self) -> tuple[Rollout, list]:
         """Responses to a random batch of prompts, samples_per_prompt each (rows grouped by prompt),
-        and each row's prompt record."""
+        and each row's prompt record: under torchrun, this rank's share of the rows."""
         n = self.config.samples_per_prompt
         picks = self._draw(len(self.prompts), self.config.batch_size // n)
-        rollout = self.engine.sample_with([self.prompts[i] for i in picks], self.config, num_samples=n)
-        return rollout, [self.records[i] for i in picks for _ in range(n)]
+        mine = distributed.share(self.config.batch_size)
+        rollout = self.engine.sample_with([self.prompts[i] for i in picks], self.config, num_samples=n,
+                                          rows=mine if distributed.current().size > 1 else None)
+        return rollout, [self.records[i] for i in picks for _ in range(n)][mine]
 
     # 2. score
     @torch.no_grad()
@@ -291,7 +307,7 @@ class PPOTrainer:
         raw["combined"] = combined
         scores = combined - self.config.missing_eos_penalty * (~rollout.ended_with_eos).float()
         if self.config.normalize_scores:
-            self.score_moments.update(scores)
+            self.score_moments.update(distributed.gather_rows(scores))  # the whole batch's moments
             scores = (scores - self.score_moments.mean) / (self.score_moments.var ** 0.5 + 1e-8)
         if self.config.score_clip > 0:
             scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
@@ -312,6 +328,17 @@ class PPOTrainer:
                 old_values.append(values * resp)
         return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
                           torch.cat(old_values) if old_values else None)
+
+    def gather(self, exp: Experience, raw: dict) -> tuple[Experience, dict]:
+        """The whole batch's experience and raw scores from every rank's share (identity in one process)."""
+        if distributed.current().size == 1:
+            return exp, raw
+        r, rows = exp.rollout, distributed.gather_rows
+        rollout = Rollout(rows(r.input_ids, self.tokenizer.pad_token_id), rows(r.attention_mask),
+                          rows(r.response_mask), r.prompt_length, rows(r.ended_with_eos), rows(r.logprobs))
+        values = None if exp.old_values is None else rows(exp.old_values)
+        return (Experience(rollout, rows(exp.scores), rows(exp.old_logprobs), rows(exp.ref_logprobs), values),
+                {name: rows(value) for name, value in raw.items()})
 
     # 4. advantages
     def compute_advantages(self, exp: Experience) -> None:
@@ -345,8 +372,8 @@ class PPOTrainer:
         sequences = (minibatch_mask.sum(-1) > 0).sum().clamp_min(1)
         stats: dict[str, float] = {}
         minibatch_loss = 0.0
-        for first in range(0, len(minibatch), c.micro_batch_size):
-            rows = torch.tensor(minibatch[first:first + c.micro_batch_size], device=self.device)
+        for micro in distributed.micro_batches(minibatch, c.micro_batch_size):  # this rank's share
+            rows = torch.tensor(micro, device=self.device)
             mask = r.response_mask[rows]
             # a micro-batch's loss aggregates its own tokens (or responses); weighted by its share of
             # the minibatch's, the micro-batches add up to the minibatch's loss
@@ -374,16 +401,23 @@ class PPOTrainer:
         if c.ptx_coef > 0:
             stats["ppo/ptx_loss"] = self._ptx_backward()
             minibatch_loss += c.ptx_coef * stats["ppo/ptx_loss"]
+        keys = sorted(stats)
+        minibatch_loss, *totals = distributed.sum_across(minibatch_loss, *(stats[k] for k in keys))
+        stats = dict(zip(keys, totals))
         stats["ppo/grad_norm"] = self.stepper(minibatch_loss)
         return stats
 
     def _ptx_backward(self) -> float:
-        """InstructGPT's PPO-ptx: gamma x NLL of a pretraining/SFT batch, mixed into the update."""
+        """InstructGPT's PPO-ptx: gamma x NLL of a pretraining/SFT batch, mixed into the update
+        (each rank takes its share of the batch; the returned NLL is this rank's part of the mean)."""
         batch = [self.ptx[i] for i in self._draw(len(self.ptx), self.config.micro_batch_size)]
+        count = sum(len(e.input_ids) - e.response_start for e in batch)
+        batch = batch[distributed.share(len(batch))]
+        if not batch:
+            return 0.0
         input_ids, attention_mask, starts = collate(batch, self.tokenizer.pad_token_id, self.device)
         with autocast(self.device, next(self.actor.model.parameters()).dtype):
             nll = response_nll(self.actor.model, input_ids, attention_mask, starts)
-        count = sum(len(e.input_ids) - e.response_start for e in batch)
         (self.config.ptx_coef * nll / count).backward()
         return nll.item() / count
 
@@ -398,7 +432,8 @@ class PPOTrainer:
     def step(self) -> dict:
         rollout, rows = self.rollout()
         scores, raw = self.score(rollout, rows)
-        exp = self.make_experience(rollout, scores)
+        exp, raw = self.gather(self.make_experience(rollout, scores), raw)
+        rollout = exp.rollout
         self.compute_advantages(exp)
         self.actor.train()
         stats = self.train_minibatches(exp)
@@ -438,21 +473,25 @@ class PPOTrainer:
                            stage_state=self.stage_state, load_stage_state=self.load_stage_state,
                            vocab_size=self.actor.head_vocab_size())
         logger.close()
-        return save_final(c, "ppo", lambda: self.save(Path(c.output_dir)), num_steps=c.iterations,
-                          modules=self.modules(), stepper=self.stepper, stage_state=self.stage_state)
+        return save_final(c, "ppo", lambda state=None: self.save(Path(c.output_dir), state), num_steps=c.iterations,
+                          modules=self.modules(), stepper=self.stepper, stage_state=self.stage_state,
+                          sharded=self.actor.model)
 
-    def save(self, output: Path) -> Path:
+    def save(self, output: Path, state=None) -> Path:
         """<output>/policy: the policy adapter (or model), the value head (and adapter) if there is a
-        critic, the tokenizer; written whole or not at all, never with non-finite weights."""
+        critic, the tokenizer; written whole or not at all, never with non-finite weights. `state`:
+        the policy's whole state dict when it is sharded (FSDP2), gathered to this rank."""
         policy_dir = output / "policy"
-        check_finite({n: p for n, p in self.actor.named_parameters() if p.requires_grad}, str(policy_dir))
+        model = self.actor.model if state is None else sharding.plain_copy(self.actor.model, state)
+        heads = [] if self.actor.value_head is None else list(self.actor.value_head.named_parameters())
+        check_finite({n: p for n, p in [*model.named_parameters(), *heads] if p.requires_grad}, str(policy_dir))
         with atomic_directory(policy_dir) as tmp:
             if self.config.lora_r:
-                self.actor.model.save_pretrained(str(tmp / "adapter"), selected_adapters=["policy"])
+                model.save_pretrained(str(tmp / "adapter"), selected_adapters=["policy"])
                 if self.config.value_mode == "adapter" and not self.config.critic_free:
-                    self.actor.model.save_pretrained(str(tmp / "value_adapter"), selected_adapters=[VALUE_ADAPTER])
+                    model.save_pretrained(str(tmp / "value_adapter"), selected_adapters=[VALUE_ADAPTER])
             else:
-                self.actor.model.save_pretrained(tmp / "model")
+                model.save_pretrained(tmp / "model")
             self.tokenizer.save_pretrained(tmp)
             if self.actor.value_head is not None:
                 self.actor.value_head.save(tmp / "value_head.safetensors")

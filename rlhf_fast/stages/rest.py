@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.batching import encode_examples
 from rlhf_fast.candidates import sample_and_score
 from rlhf_fast.config import ConfigError, option, require
@@ -206,11 +206,11 @@ def run(config: ReSTConfig) -> Path:
             step_dir = grow_dir / f"improve-{i}"
             train_file, stats = improve_data(config, rows, empty, tau, given, step_dir)
             stats = {"rest/grow_step": g, "rest/improve_step": i, **stats, "rest/policy": str(policy)}
-            (step_dir / "stats.json").write_text(json.dumps(stats) + "\n")
+            distributed.on_main(lambda: (step_dir / "stats.json").write_text(json.dumps(stats) + "\n"))
             all_stats.append(stats)
             print(f"rest: improve step {g}.{i}: reward >= {tau:.4g} keeps {stats['rest/kept']} of {len(rows)} "
                   f"(kept mean reward {stats['rest/kept_mean_reward']:.3f}); fine-tuning {policy}")
             policy = improve(config, policy, train_file, step_dir / "sft")
-    data.write_jsonl(output / "steps.jsonl", all_stats)
+    distributed.on_main(lambda: data.write_jsonl(output / "steps.jsonl", all_stats))
     print(f"rest: final policy {policy}")
     return policy

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.batching import batch_indices
 from rlhf_fast.config import ConfigError, option, require
 from rlhf_fast.data import PREFERENCE_FIELDS, columns_option, split_option
 from rlhf_fast.errors import DataError
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger
+from rlhf_fast.models import sharding
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm
 from rlhf_fast.models.reward import RewardModel
@@ -104,12 +105,14 @@ def ranking_loss(r_chosen, r_rejected, margin, weight):
 
 @torch.no_grad()
 def evaluate(reward_model, encoded, pad_id: int, device, batch_size: int) -> dict:
-    """Accuracy (r_chosen > r_rejected) and mean reward gap on held-out pairs."""
+    """Accuracy (r_chosen > r_rejected) and mean reward gap on held-out pairs (each rank scores its
+    share)."""
     correct, gap = 0.0, 0.0
-    for first in range(0, len(encoded), batch_size):
-        chosen, rejected = pair_rewards(reward_model, encoded[first:first + batch_size], pad_id, device)
+    for micro in distributed.micro_batches(encoded, batch_size):
+        chosen, rejected = pair_rewards(reward_model, micro, pad_id, device)
         correct += (chosen > rejected).sum().item()
         gap += (chosen - rejected).sum().item()
+    correct, gap = distributed.sum_across(correct, gap)
     n = max(len(encoded), 1)
     return {"rm/eval_accuracy": correct / n, "rm/eval_reward_gap": gap / n}
 
@@ -128,6 +131,8 @@ def run(config: RMConfig) -> Path:
         raise DataError(f"{config.data}: no training pair left to learn from (see the counts above)")
     print(f"rm: {len(train)} training pairs, {len(held_out)} held-out pairs")
     trunk, tokenizer, device = load_trainable_lm(config, config.adapter_name, tokenizer=tokenizer)
+    if config.fsdp:
+        sharding.shard(trunk)
     head = ScalarHead(trunk.config.hidden_size).to(device)
     adapter = config.adapter_name if config.lora_r > 0 else None
     reward_model = RewardModel(trunk, head, adapter=adapter)
@@ -146,8 +151,7 @@ def run(config: RMConfig) -> Path:
         batch = [train[i] for i in batch_indices(len(train), config.batch_size, config.seed, step)]
         total_weight = sum(b[3] for b in batch)
         loss_sum, correct = 0.0, 0
-        for first in range(0, len(batch), config.micro_batch_size):
-            micro = batch[first:first + config.micro_batch_size]
+        for micro in distributed.micro_batches(batch, config.micro_batch_size):  # this rank's share
             margin = torch.tensor([b[2] for b in micro], device=device)
             weight = torch.tensor([b[3] for b in micro], device=device)
             with autocast(device, dtype):
@@ -156,6 +160,7 @@ def run(config: RMConfig) -> Path:
             (loss / total_weight).backward()
             loss_sum += loss.item()
             correct += (chosen > rejected).sum().item()
+        loss_sum, correct = distributed.sum_across(loss_sum, correct)
         loss = loss_sum / total_weight
         return {"rm/loss": loss, "rm/accuracy": correct / len(batch), "rm/grad_norm": stepper(loss)}
 
@@ -172,7 +177,7 @@ def run(config: RMConfig) -> Path:
                    f"{len({p.prompt for p in pairs})} prompts holds none out)")
     logger.close()
     reward_dir = output / "reward"
-    save_final(config, "rm", lambda: reward_model.save(reward_dir, base=config.model), num_steps=num_steps,
-               modules=modules, stepper=stepper)
+    save_final(config, "rm", lambda state=None: reward_model.save(reward_dir, base=config.model, state=state),
+               num_steps=num_steps, modules=modules, stepper=stepper, sharded=trunk)
     print(f"rm: {summary}; written to {reward_dir}")
     return reward_dir

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_fast import distributed
 from rlhf_fast.config import ConfigError, build_config, check_fields, option
 from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.models.loading import merge_saved_adapter
@@ -113,14 +114,13 @@ def run(config: RoundsConfig, labeller=None) -> Path:
         if "ppo" in configs:
             policy_dir = ppo.run(configs["ppo"])
             if configs["ppo"].lora_r:  # the next round starts from a plain model directory
-                merge_saved_adapter(policy, policy_dir / "adapter" / "policy", policy_dir / "model",
-                                    device=config.device)
+                distributed.on_main(lambda: merge_saved_adapter(policy, policy_dir / "adapter" / "policy",
+                                                                policy_dir / "model", device=config.device))
             policy = str(policy_dir / "model")
             row.update(_last_metrics(Path(configs["ppo"].output_dir), prefix="reward/"))
         row["policy"] = policy
         summary.append(row)
-        with (output / "rounds.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        distributed.on_main(lambda: _append(output / "rounds.jsonl", row))
         print(f"round {i}: {row}")
     return Path(policy)
 
@@ -130,3 +130,8 @@ def _last_metrics(directory: Path, prefix: str = "") -> dict:
     lines = (directory / "metrics.jsonl").read_text().splitlines()
     last = json.loads(lines[-1]) if lines else {}
     return {k: v for k, v in last.items() if k != "step" and k.startswith(prefix)}
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.candidates import sample_and_score, select_best
 from rlhf_fast.config import option, require
 from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
@@ -59,26 +59,30 @@ def _prepare(config: RSConfig, output: Path) -> bool:
     return False
 
 
+def _write_round(output: Path, samples: list[dict], best: list[dict], earlier: list[dict]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    data.write_jsonl(output / "samples.jsonl", samples)
+    data.write_jsonl(output / "best.jsonl", best)
+    data.write_jsonl(output / "train.jsonl", earlier + best)
+
+
 def run(config: RSConfig) -> Path:
     seed_everything(config.seed)
     output = Path(config.output_dir)
-    resuming = _prepare(config, output)
+    resuming = distributed.on_main(lambda: _prepare(config, output))
     supervised = {f.name: getattr(config, f.name) for f in fields(SupervisedConfig)}
     sft_config = SupervisedConfig(**{**supervised, "data": str(output / "train.jsonl"),
                                      "output_dir": str(output / "sft")})
     if resuming:
         print(f"rs: {output / 'train.jsonl'} is written; resuming the fine-tuning in {output / 'sft'}")
         return train_supervised(sft_config)
-    output.mkdir(parents=True, exist_ok=True)
-    # 1-2. K scored samples per prompt; each prompt's best
+    # 1-2. K scored samples per prompt (each rank its share); each prompt's best
     samples = sample_and_score(config, pick_device(config.device), k=config.samples_per_prompt,
                                prompts_per_batch=config.micro_batch_size)
-    data.write_jsonl(output / "samples.jsonl", samples)
     best = select_best(samples)
-    data.write_jsonl(output / "best.jsonl", best)
     # 3. carry every earlier round's keepers
     earlier = [r for _, r in data.read_jsonl(config.previous_best)] if config.previous_best else []
-    data.write_jsonl(output / "train.jsonl", earlier + best)
+    distributed.on_main(lambda: _write_round(output, samples, best, earlier))
 
     mean_of_k = sum(sum(s["rewards"]) / len(s["rewards"]) for s in samples) / len(samples)
     best_of_k = sum(max(s["rewards"]) for s in samples) / len(samples)
@@ -87,7 +91,7 @@ def run(config: RSConfig) -> Path:
     for name in samples[0]["scores"]:  # each reward model's own mean score, beside the combined reward
         stats[f"reward/{name}_mean"] = (sum(sum(s["scores"][name]) for s in samples)
                                         / sum(len(s["scores"][name]) for s in samples))
-    logger = MetricsLogger(output / "round")
+    logger = MetricsLogger(output / "round", write=distributed.current().main)
     logger.log(0, stats)
     logger.close()
     print(f"rs: mean-of-{config.samples_per_prompt} reward {mean_of_k:.3f}, best-of-"

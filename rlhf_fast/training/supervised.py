@@ -9,11 +9,12 @@ Output: <output_dir>/model, a plain HF directory with the adapter merged in.
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.batching import batch_indices, collate, collate_packed, encode_examples, pack
 from rlhf_fast.config import option
 from rlhf_fast.device import autocast
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
+from rlhf_fast.models import sharding
 from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm, save_model_dir
 from rlhf_fast.models.logprobs import packed_response_nll, response_nll
 from rlhf_fast.seeding import seed_everything
@@ -47,6 +48,8 @@ def train_supervised(config: SupervisedConfig) -> Path:
         encoded = rows  # a "batch" is now of packed rows
     num_steps = total_steps(config, len(encoded))
     model, tokenizer, device = load_trainable_lm(config, "sft", tokenizer=tokenizer)
+    if config.fsdp:
+        sharding.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)
     stepper = OptimizerStep(params, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
@@ -62,8 +65,7 @@ def train_supervised(config: SupervisedConfig) -> Path:
         examples_in_batch = [e for row in batch for e in row] if config.packing else batch
         batch_tokens = sum(len(e.input_ids) - e.response_start for e in examples_in_batch)
         total_nll = 0.0
-        for first in range(0, len(batch), config.micro_batch_size):
-            micro = batch[first:first + config.micro_batch_size]
+        for micro in distributed.micro_batches(batch, config.micro_batch_size):  # this rank's share
             with autocast(device, dtype):
                 if config.packing:
                     nll = packed_response_nll(model, *collate_packed(micro, tokenizer.pad_token_id, device))
@@ -71,7 +73,7 @@ def train_supervised(config: SupervisedConfig) -> Path:
                     nll = response_nll(model, *collate(micro, tokenizer.pad_token_id, device))
             (nll / batch_tokens).backward()
             total_nll += nll.item()
-        loss = total_nll / batch_tokens
+        loss = distributed.sum_across(total_nll)[0] / batch_tokens
         return {"sft/loss": loss, "sft/grad_norm": stepper(loss)}
 
     modules = {"policy": model}
@@ -79,7 +81,7 @@ def train_supervised(config: SupervisedConfig) -> Path:
                        device=device)
     logger.close()
     model_dir = output / "model"
-    save_final(config, "sft", lambda: save_model_dir(model, tokenizer, model_dir), num_steps=num_steps,
-               modules=modules, stepper=stepper)
+    save_final(config, "sft", lambda state=None: save_model_dir(model, tokenizer, model_dir, state),
+               num_steps=num_steps, modules=modules, stepper=stepper, sharded=model)
     print(f"sft: model written to {model_dir}; peak memory {peak_memory_gb(device):.2f} GB")
     return model_dir
