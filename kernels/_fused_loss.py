@@ -17,14 +17,17 @@ the chunk buffer(s), dH (an output) and, when the head is trained, the fp32 dW.
 
 A rule (TokenGradientRule) is the only thing a loss supplies; this file never knows which loss it
 runs. A rule whose gradient needs a whole sequence or pair (DPO: the pair's summed log-probs) gets
-chunks that never split one (group_ends). When no input needs a gradient (no_grad, or frozen hidden, weight and bias) the rule's
-gradient is never asked for and no gradient GEMM runs: the forward alone.
+chunks that never split one (group_ends); where a group's rows are not adjacent (DPO's chosen rows
+first, then the rejected ones, as TRL and Liger lay a batch out), row_order walks the rows in an
+order that makes them adjacent, each chunk's rows gathered (an (M, D) copy, never (N, D)). When
+no input needs a gradient (no_grad, or frozen hidden, weight and bias) the rule's gradient is never
+asked for and no gradient GEMM runs: the forward alone.
 """
 from typing import Protocol
 
 import torch
 
-from ._lm_head import chunk_plan, scale_logits_
+from ._lm_head import GEMM_DTYPE, chunk_plan, rows_per_chunk, scale_logits_
 from .token_logprobs import add_weight_grad_, chunk_grad_triton, chunk_stats_triton, weight_grad_buffer
 
 # Scaling a saved low-precision gradient by the upstream gradient goes through fp32 blocks of at
@@ -33,7 +36,8 @@ SCALE_BLOCK_ELEMENTS = 2**22
 
 
 class TokenGradientRule(Protocol):
-    """What a fused loss tells the driver. All tensors fp32, rows of the flattened (N,) tokens.
+    """What a fused loss tells the driver. All tensors fp32, rows of the flattened (N,) tokens (with a
+    row_order: `rows` are positions in that order, the chunk's tokens being row_order[rows]).
 
     want_entropy: the loss reads H (its value or its gradient); False: H is never computed.
     grad(rows, logprobs, entropy) -> (g_lp, g_ent | None): d loss / d lp and d loss / d H of the
@@ -111,12 +115,21 @@ def _scaled(x, scale, dtype):
     return out
 
 
+def chunk_rows(n_rows, weight, backend, weight_grad):
+    """The most rows forward_with_gradient puts in a chunk (chunk_plan's budget) for n_rows rows of
+    an LM head `weight` on `backend`: a row group longer than this would get a chunk of its own."""
+    element_bytes = (GEMM_DTYPE[backend] or weight.dtype).itemsize
+    return rows_per_chunk(n_rows, weight.shape[0], weight.device, element_bytes, weight_grad)
+
+
 def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs,
-                          group_ends=None):
+                          group_ends=None, row_order=None):
     """The chunk loop. hidden (N, D), weight (V, D), bias (V,) | None, targets (N,) int; needs:
     (d hidden, d weight, d bias) wanted; group_ends: None, or the row groups no chunk may split
-    (_lm_head.group_chunks). Returns (logprobs (N,), entropy (N,) | None, grads) with grads the
-    unscaled (dH in hidden's dtype | None, dW fp32 | None, db fp32 | None)."""
+    (_lm_head.group_chunks), as positions in row_order; row_order: None, or an (N,) int64
+    permutation of the rows on hidden's device, the order the chunks walk them in (the rule's `rows`
+    are then positions in it). Returns (logprobs (N,), entropy (N,) | None, grads) in the rows'
+    own order, with grads the unscaled (dH in hidden's dtype | None, dW fp32 | None, db fp32 | None)."""
     need_h, need_w, need_b = needs
     want_grad = any(needs)
     n = hidden.shape[0]
@@ -129,21 +142,22 @@ def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, igno
     grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
     for start, end in row_chunks:
         rows = slice(start, end)
-        h = hidden[rows].to(w.dtype)
+        at = rows if row_order is None else row_order[rows]  # the chunk's rows of hidden: a view, or a gather
+        h = hidden[at].to(w.dtype)
         z = torch.mm(h, w.t(), out=buffers[0][: end - start])
         if backend == "torch":
-            lp, ent, dz = _chunk_torch(z, b, targets[rows], buffers[1][: end - start], temperature,
+            lp, ent, dz = _chunk_torch(z, b, targets[at], buffers[1][: end - start], temperature,
                                        ignore_index, rule, rows, want_grad)
         else:
-            lp, ent, dz = _chunk_triton(z, b, targets[rows], temperature, ignore_index, rule, rows, want_grad)
-        logprobs[rows] = lp
+            lp, ent, dz = _chunk_triton(z, b, targets[at], temperature, ignore_index, rule, rows, want_grad)
+        logprobs[at] = lp
         if entropy is not None:
-            entropy[rows] = ent
+            entropy[at] = ent
         if need_h:
-            if dz.dtype == grad_hidden.dtype:
+            if row_order is None and dz.dtype == grad_hidden.dtype:
                 torch.mm(dz, w, out=grad_hidden[rows])
-            else:  # the torch path's fp32 GEMMs on bf16/fp16 inputs
-                grad_hidden[rows] = dz @ w
+            else:  # gathered rows (scattered back), or the torch path's fp32 GEMMs on bf16/fp16 inputs
+                grad_hidden[at] = (dz @ w).to(grad_hidden.dtype)  # one rounding, as a copy_ makes
         if need_w:
             add_weight_grad_(grad_weight, dz, h, first=start == 0)
         if need_b:
@@ -153,15 +167,16 @@ def forward_with_gradient(hidden, weight, bias, targets, rule, temperature, igno
 
 class LinearLossFunction(torch.autograd.Function):
     """forward(hidden (N, D), weight (V, D), bias | None, targets (N,), rule, temperature, ignore_index,
-    backend, needs, group_ends) -> (loss fp32 scalar, logprobs (N,), entropy (N,) | empty); only the loss is
+    backend, needs, group_ends, row_order) -> (loss fp32 scalar, logprobs (N,), entropy (N,) | empty); only the loss is
     differentiable, once (create_graph=True is refused). Saves the finished gradients (dH in hidden's
     dtype, dW and db fp32), never the inputs: the backward is three scalings and no GEMM;
     retain_graph keeps them for another backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs, group_ends):
+    def forward(ctx, hidden, weight, bias, targets, rule, temperature, ignore_index, backend, needs, group_ends,
+                row_order):
         logprobs, entropy, grads = forward_with_gradient(hidden, weight, bias, targets, rule, temperature,
-                                                         ignore_index, backend, needs, group_ends)
+                                                         ignore_index, backend, needs, group_ends, row_order)
         loss = rule.value(logprobs, entropy)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has = [g is not None for g in grads]
@@ -178,10 +193,11 @@ class LinearLossFunction(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         scale = grad_loss.float()
         grads = [_scaled(next(saved), scale, dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_index, backend, group_ends=None):
+def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_index, backend, group_ends=None,
+                row_order=None):
     """loss = rule's loss of lp = log softmax((hidden @ weight.T + bias) / temperature)[targets] (and H),
     its gradient made in the forward (three GEMMs) when any of hidden, weight, bias needs one.
 
@@ -189,7 +205,9 @@ def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_inde
     (ignore_index rows: lp = H = 0, no gradient); backend "torch" | "triton" (checked by the caller);
     group_ends: None, or increasing row indices ending the row groups (sequences, pairs) that a
     chunk never splits, for a rule whose per-token gradient depends on its whole group (DPO's
-    depends on the pair's summed log-probs): the rule then sees whole groups in every chunk.
+    depends on the pair's summed log-probs): the rule then sees whole groups in every chunk;
+    row_order: None, or an (N,) int64 permutation of the rows (on hidden's device) that the chunks
+    walk, group_ends then being positions in it (groups whose rows are not adjacent in hidden).
     Returns (loss fp32 scalar, logprobs (N,) fp32 detached, entropy (N,) fp32 detached | None).
     """
     grad_on = torch.is_grad_enabled()
@@ -199,8 +217,9 @@ def linear_loss(hidden, weight, bias, targets, rule, *, temperature, ignore_inde
     with torch.autocast(hidden.device.type, enabled=False):
         if not any(needs):
             logprobs, entropy, _ = forward_with_gradient(hidden, weight, bias, targets, rule, temperature,
-                                                         ignore_index, backend, needs, group_ends)
+                                                         ignore_index, backend, needs, group_ends, row_order)
             return rule.value(logprobs, entropy), logprobs, entropy
         loss, logprobs, entropy = LinearLossFunction.apply(hidden, weight, bias, targets, rule, float(temperature),
-                                                           int(ignore_index), backend, needs, group_ends)
+                                                           int(ignore_index), backend, needs, group_ends,
+                                                           row_order)
     return loss, logprobs, entropy if rule.want_entropy else None

@@ -218,3 +218,78 @@ def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, re
     if reduction == "sum":
         return total, logprobs
     return total / (targets != ignore_index).sum(), logprobs
+
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, *,
+                    loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5, margin=None):
+    """(losses [P], chosen_rewards [P], rejected_rewards [P]) in float64: the twin of
+    rlhf_fast.preference_losses.preference_loss (DPO's sigmoid, ipo, hinge, robust, simpo; per-pair
+    margin; label_smoothing a number or [P]); ref_* are ignored (may be None) for simpo."""
+    pi_c, pi_r = policy_chosen.to(F64), policy_rejected.to(F64)
+    len_c, len_r = chosen_lengths.to(F64).clamp_min(1), rejected_lengths.to(F64).clamp_min(1)
+    if loss_type == "simpo":
+        h = pi_c / len_c - pi_r / len_r
+        chosen_rewards, rejected_rewards = beta * pi_c / len_c, beta * pi_r / len_r
+    else:
+        ratio_c, ratio_r = pi_c - ref_chosen.to(F64), pi_r - ref_rejected.to(F64)
+        h = ratio_c / len_c - ratio_r / len_r if loss_type == "ipo" else ratio_c - ratio_r
+        chosen_rewards, rejected_rewards = beta * ratio_c, beta * ratio_r
+    z = beta * h
+    if margin is not None:
+        z = z - margin.to(F64)
+    if loss_type == "simpo":
+        z = z - simpo_gamma
+    e = label_smoothing.to(F64) if torch.is_tensor(label_smoothing) else label_smoothing
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type in ("sigmoid", "simpo"):
+        losses = -(1 - e) * logsig(z) - e * logsig(-z)
+    elif loss_type == "robust":
+        losses = (-(1 - e) * logsig(z) + e * logsig(-z)) / (1 - 2 * e)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - z)
+    elif loss_type == "ipo":
+        losses = (z / beta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def _per_sequence(per_token, sequence_ends):
+    """Sums over each sequence: a row of (S, T), or the rows of (N,) between sequence_ends."""
+    if sequence_ends is None:
+        return per_token.sum(-1)
+    ends = torch.as_tensor(sequence_ends).tolist()
+    return torch.stack([per_token[a:b].sum() for a, b in zip([0, *ends[:-1]], ends)])
+
+
+def sequence_logprob_sums(hidden, weight, targets, *, bias=None, sequence_ends=None, temperature=1.0,
+                          ignore_index=-100):
+    """Each sequence's summed token log-probs: (S, T, D) hidden one sequence a row, or (N, D) split at
+    sequence_ends (S,)."""
+    logprobs, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                 ignore_index=ignore_index)
+    return _per_sequence(logprobs, None if hidden.dim() == 3 else sequence_ends)
+
+
+def linear_dpo_loss(hidden, weight, targets, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
+                    sequence_ends=None, loss_type="sigmoid", beta=0.1, label_smoothing=0.0, simpo_gamma=0.5,
+                    margin=None, pair_weights=None, reduction="mean", temperature=1.0, ignore_index=-100):
+    """(loss, stats) of P preference pairs: token log-probs summed per sequence ((2P, T, D) hidden: one
+    sequence a row; (N, D): split at sequence_ends), chosen sequences first, then preference_loss,
+    weighted by pair_weights and summed ("sum") or / P ("mean"); stats TRL's means over the pairs."""
+    sums = sequence_logprob_sums(hidden, weight, targets, bias=bias, sequence_ends=sequence_ends,
+                                 temperature=temperature, ignore_index=ignore_index)
+    lengths = _per_sequence((targets != ignore_index).to(F64), sequence_ends)
+    n = sums.shape[0] // 2
+    refs = (None, None) if loss_type == "simpo" else (ref_chosen_logps, ref_rejected_logps)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        sums[:n], sums[n:], *refs, lengths[:n], lengths[n:], loss_type=loss_type, beta=beta,
+        label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, margin=margin)
+    if pair_weights is not None:
+        losses = losses * pair_weights.to(F64)
+    loss = losses.sum() / (n if reduction == "mean" else 1)
+    stats = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).to(F64).mean(),
+             "logps/chosen": sums[:n].detach().mean(), "logps/rejected": sums[n:].detach().mean()}
+    return loss, stats

@@ -5,14 +5,18 @@ For a pair (prompt x, chosen y_c, rejected y_l), DPO (Rafailov et al. 2023) mini
     -log sigmoid(beta [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 where ref is the SFT model; `loss_type` picks IPO, SLiC's hinge, robust / conservative DPO or the
 reference-free SimPO instead (rlhf_fast.preference_losses holds the formulas). Each step:
-  1. the pairs' chosen and rejected sequences go through the policy as ONE batch of 2B rows, their
-     response tokens' log-probs through the fused head (no logits), summed per sequence;
-  2. the reference's sums: the same trunk with adapters off (LoRA: the SFT model, no second copy),
-     a frozen copy under full fine-tuning (optionally on the CPU), or a table computed once over the
-     dataset before training (precompute_ref_logprobs; full fine-tuning then holds no copy at all);
-  3. the loss (with Llama 2's margin as an offset, or an AI labeller's probability as a soft label,
-     when asked), weighted like the reward model's (a ranking of k counts once: 1/C(k,2) per pair),
-     and one optimiser step through the shared step loop (resume, NaN guards, checkpoints).
+  1. the reference's summed response log-probs: the same trunk with adapters off (LoRA: the SFT
+     model, no second copy), a frozen copy under full fine-tuning (optionally on the CPU), or a table
+     computed once over the dataset before training (precompute_ref_logprobs; full fine-tuning then
+     holds no copy at all); through kernels.linear_dpo_logps, which walks the LM head as the loss
+     does, so that on the first step the reference's sums are the policy's, bitwise;
+  2. the pairs' chosen and rejected sequences go through the policy trunk as ONE batch of 2B rows,
+     and only their response positions' hidden states go on to the fused loss head
+     (kernels.linear_dpo_loss: each sequence's log-probs summed, the loss (with Llama 2's margin as
+     an offset, or an AI labeller's probability as a soft label, when asked) and its gradient made in
+     one pass over the LM head, never the logits), weighted like the reward model's (a ranking of k
+     counts once: 1/C(k,2) per pair);
+  3. one optimiser step through the shared step loop (resume, NaN guards, checkpoints).
 Logged under TRL DPOTrainer's names in the stage's namespace: dpo/rewards/chosen, .../rejected,
 .../margins, .../accuracies (rewards = beta x the log-ratio to the reference), dpo/logps/chosen,
 dpo/logps/rejected (summed over the response).
@@ -30,12 +34,13 @@ from rlhf_fast.batching import batch_indices
 from rlhf_fast.config import ConfigError, option, require
 from rlhf_fast.data import PREFERENCE_FIELDS, columns_option, split_option
 from rlhf_fast.device import autocast, module_device
+from rlhf_fast.kernels import linear_dpo_logps, linear_dpo_loss
 from rlhf_fast.errors import DataError
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
 from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm, save_model_dir
-from rlhf_fast.models.logprobs import counted_positions, sequence_logprobs
+from rlhf_fast.models.logprobs import counted_head_inputs, counted_positions, sequence_logprobs
 from rlhf_fast.models.roles import ActorCritic
-from rlhf_fast.preference_losses import LOSS_TYPES, REFERENCE_FREE, SMOOTHED, preference_loss, preference_metrics
+from rlhf_fast.preference_losses import LOSS_TYPES, REFERENCE_FREE, SMOOTHED
 from rlhf_fast.seeding import seed_everything
 from rlhf_fast.training import rundir
 from rlhf_fast.training.config import TrainConfig
@@ -164,6 +169,26 @@ def response_logprob_sums(model, input_ids, attention_mask, starts) -> tuple[tor
     return logprobs.sum(-1).to(input_ids.device), lengths
 
 
+def response_head_inputs(where: str, model, input_ids, attention_mask, starts):
+    """(LM head, hidden [M, D], targets [M], sequence_ends [R]) of a collated batch's R rows: the trunk
+    runs once and only the M response positions, row after row, go on to the fused head."""
+    device = module_device(model)
+    with autocast(device, next(model.parameters()).dtype):
+        head, hidden, targets, counted = counted_head_inputs(where, model, input_ids.to(device),
+                                                             attention_mask.to(device), starts.to(device))
+    return head, hidden, targets, counted.sum(-1).cumsum(0)
+
+
+def pair_logprob_sums(model, input_ids, attention_mask, starts) -> torch.Tensor:
+    """[2B] fp32: the summed response log-probs of a collated batch's rows (chosen, then rejected)
+    through kernels.linear_dpo_logps, which walks the LM head as linear_dpo_loss does: where the model
+    is the policy's twin (the first step) the sums are the policy's own, bitwise (rewards exactly 0)."""
+    head, hidden, targets, sequence_ends = response_head_inputs("dpo reference", model, input_ids, attention_mask,
+                                                                starts)
+    chosen, rejected = linear_dpo_logps(hidden, head.weight, targets, bias=head.bias, sequence_ends=sequence_ends)
+    return torch.cat([chosen, rejected]).to(input_ids.device)
+
+
 class Reference:
     """The reference's summed response log-probs per row of a collated batch: the policy's trunk with
     adapters off (or the frozen copy) on the fly, or rows of a table precomputed before training."""
@@ -175,7 +200,7 @@ class Reference:
     @torch.no_grad()
     def logprobs(self, input_ids, attention_mask, starts) -> torch.Tensor:
         with self.actor.as_reference() as reference:
-            return response_logprob_sums(reference, input_ids, attention_mask, starts)[0]
+            return pair_logprob_sums(reference, input_ids, attention_mask, starts)
 
     @torch.no_grad()
     def precompute(self, split: str, pairs: list[EncodedPair], pad_id: int, micro_batch: int, device) -> None:
@@ -196,37 +221,46 @@ class Reference:
 
 
 def pair_losses(config: DPOConfig, model, reference: Reference | None, pairs: list[EncodedPair], indices: list[int],
-                split: str, pad_id: int, device):
-    """(losses [B], chosen_rewards [B], rejected_rewards [B], policy sums [2B]) of B pairs: one policy
-    forward over the 2B rows (chosen then rejected), the reference's sums, the loss of config.loss_type."""
+                split: str, pad_id: int, device, weights: torch.Tensor | None = None):
+    """(loss, stats) of B pairs: the sum over pairs of weight x the loss of config.loss_type (weights
+    [B], None: 1) and TRL's metrics as means over the B pairs (kernels.linear_dpo_loss's stats).
+    One policy trunk forward over the 2B rows (chosen then rejected); the reference's sums; the
+    response positions through the fused loss head, which makes the gradient in the same pass."""
     input_ids, attention_mask, starts = collate_pairs(pairs, pad_id, device)
-    logps, lengths = response_logprob_sums(model, input_ids, attention_mask, starts)         # [2B], [2B]
-    ref = reference(split, indices, input_ids, attention_mask, starts) if reference is not None else None
+    ref = reference(split, indices, input_ids, attention_mask, starts) if reference is not None else None   # [2B]
     n = len(pairs)
+    head, hidden, targets, sequence_ends = response_head_inputs("dpo", model, input_ids, attention_mask, starts)
     margin = torch.tensor([p.margin for p in pairs], device=device) if config.use_margin else None
     smoothing = (1 - torch.tensor([p.label for p in pairs], device=device) if config.soft_labels
                  else config.label_smoothing)
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        logps[:n], logps[n:], None if ref is None else ref[:n], None if ref is None else ref[n:],
-        lengths[:n], lengths[n:], loss_type=config.loss_type, beta=config.beta,
-        label_smoothing=smoothing, simpo_gamma=config.simpo_gamma, margin=margin)
-    return losses, chosen_rewards, rejected_rewards, logps
+    return linear_dpo_loss(hidden, head.weight, targets, None if ref is None else ref[:n],
+                           None if ref is None else ref[n:], bias=head.bias, sequence_ends=sequence_ends,
+                           loss_type=config.loss_type, beta=config.beta, label_smoothing=smoothing,
+                           simpo_gamma=config.simpo_gamma, margin=margin, pair_weights=weights, reduction="sum")
+
+
+def add_pair_stats(totals: dict, stats: dict, pairs: int) -> None:
+    """Accumulate a micro-batch's metrics (means over its pairs) as mean x pairs."""
+    for name, value in stats.items():
+        totals[name] = totals.get(name, 0.0) + value.item() * pairs
+
+
+def pair_count_means(totals: dict, pairs: int) -> dict[str, float]:
+    """The batch's means (TRL's metrics over all its pairs) from add_pair_stats' totals."""
+    return {name: total / pairs for name, total in totals.items()}
 
 
 @torch.no_grad()
 def evaluate(config: DPOConfig, model, reference, pairs: list[EncodedPair], pad_id: int, device) -> dict:
     """TRL's reward metrics and the loss on held-out pairs, as `dpo/eval_<name>`."""
-    chosen, rejected, logps_c, logps_r, loss = [], [], [], [], 0.0
+    totals, loss = {}, 0.0
     for first in range(0, len(pairs), config.micro_batch_size):
         micro = pairs[first:first + config.micro_batch_size]
         indices = list(range(first, first + len(micro)))
-        losses, c, r, logps = pair_losses(config, model, reference, micro, indices, "held_out", pad_id, device)
-        loss += losses.sum().item()
-        chosen.append(c)
-        rejected.append(r)
-        logps_c.append(logps[:len(micro)])
-        logps_r.append(logps[len(micro):])
-    metrics = preference_metrics(torch.cat(chosen), torch.cat(rejected), torch.cat(logps_c), torch.cat(logps_r))
+        micro_loss, stats = pair_losses(config, model, reference, micro, indices, "held_out", pad_id, device)
+        loss += micro_loss.item()
+        add_pair_stats(totals, stats, len(micro))
+    metrics = pair_count_means(totals, len(pairs))
     return {"dpo/eval_loss": loss / len(pairs), **{f"dpo/eval_{k}": v for k, v in metrics.items()}}
 
 
@@ -278,23 +312,19 @@ def run(config: DPOConfig) -> Path:
     def train_step(step: int) -> dict:
         indices = batch_indices(len(train), config.batch_size, config.seed, step)
         total_weight = sum(train[i].weight for i in indices)
-        loss_sum, tokens, chosen, rejected, logps_c, logps_r = 0.0, 0, [], [], [], []
+        loss_sum, tokens, totals = 0.0, 0, {}
         for first in range(0, len(indices), config.micro_batch_size):
             micro_indices = indices[first:first + config.micro_batch_size]
             micro = [train[i] for i in micro_indices]
-            losses, c, r, logps = pair_losses(config, model, reference, micro, micro_indices, "training", pad_id,
-                                              device)
             weight = torch.tensor([p.weight for p in micro], device=device)
-            loss = (weight * losses).sum()
+            loss, stats = pair_losses(config, model, reference, micro, micro_indices, "training", pad_id, device,
+                                      weights=weight)
             (loss / total_weight).backward()
             loss_sum += loss.item()
             tokens += sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in micro)
-            chosen.append(c)
-            rejected.append(r)
-            logps_c.append(logps[:len(micro)].detach())
-            logps_r.append(logps[len(micro):].detach())
+            add_pair_stats(totals, stats, len(micro))
         loss = loss_sum / total_weight
-        metrics = preference_metrics(torch.cat(chosen), torch.cat(rejected), torch.cat(logps_c), torch.cat(logps_r))
+        metrics = pair_count_means(totals, len(indices))
         return {"dpo/loss": loss, **{f"dpo/{k}": v for k, v in metrics.items()}, "dpo/grad_norm": stepper(loss),
                 "perf/tokens": tokens}
 
