@@ -25,11 +25,21 @@ def kv_cache_bytes(config, batch: int, seq_len: int, dtype_bytes: int) -> int:
     return 2 * config.num_hidden_layers * batch * seq_len * heads * head_dim * dtype_bytes
 
 
-def activation_bytes(config, micro_batch: int, seq_len: int, dtype_bytes: int) -> int:
+def activation_bytes(config, micro_batch: int, seq_len: int, dtype_bytes: int, checkpointed: bool = False) -> int:
     """A rough transformer estimate: ~34 values of width D per token and layer (Korthikanti et al.),
-    plus fp32 [tokens x chunk] for the fused head, never [tokens x vocab]."""
+    plus fp32 [tokens x chunk] for the fused head, never [tokens x vocab]. With gradient
+    checkpointing: each layer's input (D values per token), plus one layer's activations while it
+    is recomputed in the backward."""
     tokens = micro_batch * seq_len
-    return config.num_hidden_layers * tokens * config.hidden_size * 34 * dtype_bytes // 2
+    layer = tokens * config.hidden_size * 34 * dtype_bytes // 2
+    if checkpointed:
+        return config.num_hidden_layers * tokens * config.hidden_size * dtype_bytes + layer
+    return config.num_hidden_layers * layer
+
+
+def gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on in `model` (a layer stack flagged for it)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int = 0,
@@ -52,7 +62,8 @@ def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int =
         "optimizer state": sum(p.numel() * 4 * optimizer_states for p in trainable),
         "KV cache (generation)": kv_cache_bytes(config, generation_batch, seq_len, dtype_bytes),
         "generation weights (merged copy)": generation_weights_bytes,
-        "activations (estimate)": activation_bytes(config, micro_batch, seq_len, dtype_bytes),
+        "activations (estimate)": activation_bytes(config, micro_batch, seq_len, dtype_bytes,
+                                                   checkpointed=gradient_checkpointing(model)),
     }
 
 

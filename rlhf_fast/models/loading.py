@@ -95,12 +95,24 @@ def load_trainable_lm(config, adapter_name: str, *, padding_side: str = "right",
                                    trust_remote_code=config.trust_remote_code)
     model = load_causal_lm(config.model, device=device, dtype=config.dtype,
                            attn=config.attn_implementation, trust_remote_code=config.trust_remote_code)
+    if getattr(config, "gradient_checkpointing", False):
+        enable_checkpointing(model)
     if config.lora_r > 0:
         model = add_lora(model, adapter_name, r=config.lora_r, alpha=config.lora_alpha,
                          dropout=config.lora_dropout, target_modules=config.lora_target_modules)
     else:
         model.requires_grad_(True)
     return model, tokenizer, device
+
+
+def enable_checkpointing(model) -> None:
+    """transformers' activation checkpointing of every decoder layer, non-reentrant (gradients reach
+    LoRA weights without inputs that require grad). `activation_checkpointing_enable` from
+    transformers 5.2x; `gradient_checkpointing_enable`, deprecated there, before it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def save_model_dir(model, tokenizer, path, state=None) -> None:

@@ -20,6 +20,9 @@ class TrainConfig:
                         choices=("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
     attn_implementation: str = option("auto", "'auto' (flash_attention_2 if installed, else sdpa), or any HF name")
     trust_remote_code: bool = option(False, "allow model code from the model directory (off: safer)")
+    gradient_checkpointing: bool = option(False, "keep only each decoder layer's input in the forward and recompute "
+                                                 "the layer in the backward (activation memory ~1/17, one more "
+                                                 "trunk forward per step)")
     fsdp: bool = option(False, "under torchrun: shard the decoder over the ranks with FSDP2 (with LoRA the frozen "
                                "base; with full fine-tuning every decoder weight, its gradient and optimiser "
                                "state); off: every rank holds the whole model (data parallel)")
