@@ -103,6 +103,12 @@ def sum_across(*values: float) -> tuple[float, ...]:
     return tuple(totals.tolist())
 
 
+def sum_dict_across(values: dict[str, float]) -> dict[str, float]:
+    """Each named value summed over ranks (every rank has the same names)."""
+    keys = sorted(values)
+    return dict(zip(keys, sum_across(*(values[k] for k in keys))))
+
+
 def max_across(value: int) -> int:
     if current().size == 1:
         return value

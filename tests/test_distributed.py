@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rlhf_fast import distributed
 from rlhf_fast.errors import CheckpointError
-from rlhf_fast.stages import ppo, rm, sft
+from rlhf_fast.stages import dpo, ppo, rm, rs, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2
@@ -132,6 +132,36 @@ def test_reward_model_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
         assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-5, abs=1e-6), key
     for name in ("head.safetensors", "adapter/reward/adapter_model.safetensors"):
         assert_same_tensors(load_file(one / "reward" / name), load_file(two / "reward" / name))
+
+
+def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl",
+                        [{"prompt": f"q{i}:", "chosen": " apple pie", "rejected": f" dog {i}", "margin": i % 3 / 2}
+                         for i in range(14)])
+    settings = dict(lora_r=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_steps=3, max_length=16,
+                    eval_fraction=0.25, device="cpu")
+    one, two = tmp_path / "one", tmp_path / "two"
+    dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(one), **settings))
+    torchrun(["dpo", *flags(model=tiny_model_dir, data=prefs, output_dir=two, **settings)])
+    for key in ("dpo/loss", "dpo/rewards/margins", "dpo/grad_norm", "dpo/eval_loss", "dpo/eval_rewards/accuracies"):
+        assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-5, abs=1e-6), key
+    assert_same_tensors(load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors"))
+
+
+def test_rejection_sampling_on_two_ranks_samples_every_prompt_once(tiny_model_dir, reward_dir, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}:"} for w in
+                                                       ("apple", "pear", "plum", "fig", "kiwi")])
+    out = tmp_path / "rs"
+    torchrun(["rs", *flags(model=tiny_model_dir, reward_model=reward_dir, prompts=prompts, output_dir=out,
+                           samples_per_prompt=3, max_new_tokens=4, lora_r=4, batch_size=2, micro_batch_size=1,
+                           max_steps=1, max_length=24, device="cpu")])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == [f"Say {w}:" for w in ("apple", "pear", "plum", "fig", "kiwi")]
+    assert all(len(s["responses"]) == len(s["rewards"]) == 3 for s in samples)
+    best = [json.loads(line) for line in (out / "best.jsonl").read_text().splitlines()]
+    assert [b["reward"] for b in best] == [max(s["rewards"][i] for i, t in enumerate(s["responses"]) if t.strip())
+                                           for s in samples if any(t.strip() for t in s["responses"])]
+    assert (out / "sft" / "model" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast import data
+from rlhf_fast import data, distributed
 from rlhf_fast.batching import batch_indices
 from rlhf_fast.config import ConfigError, option, require
 from rlhf_fast.data import PREFERENCE_FIELDS, columns_option, split_option
@@ -37,6 +37,7 @@ from rlhf_fast.device import autocast, module_device
 from rlhf_fast.kernels import linear_dpo_logps, linear_dpo_loss
 from rlhf_fast.errors import DataError
 from rlhf_fast.memory import format_ledger, memory_ledger, peak_memory_gb
+from rlhf_fast.models import sharding
 from rlhf_fast.models.loading import load_tokenizer, load_trainable_lm, save_model_dir
 from rlhf_fast.models.logprobs import counted_head_inputs, counted_positions, sequence_logprobs
 from rlhf_fast.models.roles import ActorCritic
@@ -254,13 +255,13 @@ def pair_count_means(totals: dict, pairs: int) -> dict[str, float]:
 def evaluate(config: DPOConfig, model, reference, pairs: list[EncodedPair], pad_id: int, device) -> dict:
     """TRL's reward metrics and the loss on held-out pairs, as `dpo/eval_<name>`."""
     totals, loss = {}, 0.0
-    for first in range(0, len(pairs), config.micro_batch_size):
-        micro = pairs[first:first + config.micro_batch_size]
-        indices = list(range(first, first + len(micro)))
+    for indices in distributed.micro_batches(list(range(len(pairs))), config.micro_batch_size):  # this rank's share
+        micro = [pairs[i] for i in indices]
         micro_loss, stats = pair_losses(config, model, reference, micro, indices, "held_out", pad_id, device)
         loss += micro_loss.item()
         add_pair_stats(totals, stats, len(micro))
-    metrics = pair_count_means(totals, len(pairs))
+    loss, = distributed.sum_across(loss)
+    metrics = pair_count_means(distributed.sum_dict_across(totals), len(pairs))
     return {"dpo/eval_loss": loss / len(pairs), **{f"dpo/eval_{k}": v for k, v in metrics.items()}}
 
 
@@ -297,6 +298,8 @@ def run(config: DPOConfig) -> Path:
         reference.precompute("held_out", held_out, pad_id, config.micro_batch_size, device)
         print(f"dpo: reference log-probs precomputed for {len(train) + len(held_out)} pairs")
 
+    if config.fsdp:
+        sharding.shard(model)  # after the reference is set up (a full fine-tuning copy stays whole)
     num_steps = total_steps(config, len(train))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)
@@ -313,8 +316,7 @@ def run(config: DPOConfig) -> Path:
         indices = batch_indices(len(train), config.batch_size, config.seed, step)
         total_weight = sum(train[i].weight for i in indices)
         loss_sum, tokens, totals = 0.0, 0, {}
-        for first in range(0, len(indices), config.micro_batch_size):
-            micro_indices = indices[first:first + config.micro_batch_size]
+        for micro_indices in distributed.micro_batches(indices, config.micro_batch_size):  # this rank's share
             micro = [train[i] for i in micro_indices]
             weight = torch.tensor([p.weight for p in micro], device=device)
             loss, stats = pair_losses(config, model, reference, micro, micro_indices, "training", pad_id, device,
@@ -323,8 +325,9 @@ def run(config: DPOConfig) -> Path:
             loss_sum += loss.item()
             tokens += sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in micro)
             add_pair_stats(totals, stats, len(micro))
+        loss_sum, tokens = distributed.sum_across(loss_sum, tokens)
         loss = loss_sum / total_weight
-        metrics = pair_count_means(totals, len(indices))
+        metrics = pair_count_means(distributed.sum_dict_across(totals), len(indices))
         return {"dpo/loss": loss, **{f"dpo/{k}": v for k, v in metrics.items()}, "dpo/grad_norm": stepper(loss),
                 "perf/tokens": tokens}
 
@@ -339,7 +342,7 @@ def run(config: DPOConfig) -> Path:
               f"{metrics['dpo/eval_rewards/margins']:.3f} over {len(held_out)} pairs")
     logger.close()
     model_dir = output / "model"
-    save_final(config, "dpo", lambda: save_model_dir(model, tokenizer, model_dir), num_steps=num_steps,
-               modules=modules, stepper=stepper)
+    save_final(config, "dpo", lambda state=None: save_model_dir(model, tokenizer, model_dir, state),
+               num_steps=num_steps, modules=modules, stepper=stepper, sharded=model)
     print(f"dpo: model written to {model_dir}; peak memory {peak_memory_gb(device):.2f} GB")
     return model_dir

@@ -401,9 +401,8 @@ class PPOTrainer:
         if c.ptx_coef > 0:
             stats["ppo/ptx_loss"] = self._ptx_backward()
             minibatch_loss += c.ptx_coef * stats["ppo/ptx_loss"]
-        keys = sorted(stats)
-        minibatch_loss, *totals = distributed.sum_across(minibatch_loss, *(stats[k] for k in keys))
-        stats = dict(zip(keys, totals))
+        minibatch_loss, = distributed.sum_across(minibatch_loss)
+        stats = distributed.sum_dict_across(stats)
         stats["ppo/grad_norm"] = self.stepper(minibatch_loss)
         return stats
 

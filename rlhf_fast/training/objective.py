@@ -80,9 +80,8 @@ def train_objective(config: SupervisedConfig, encode: Callable, micro_loss: Micr
             total += loss.item()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        keys = sorted(sums)
-        total, *values = distributed.sum_across(total, *(sums[k] for k in keys))
-        return {f"{stage}/loss": total, **dict(zip(keys, values)), f"{stage}/grad_norm": stepper(total)}
+        total, = distributed.sum_across(total)
+        return {f"{stage}/loss": total, **distributed.sum_dict_across(sums), f"{stage}/grad_norm": stepper(total)}
 
     modules = {"policy": model}
     logger = run_steps(config, stage, train_step, num_steps=num_steps, modules=modules, stepper=stepper,
