@@ -28,6 +28,7 @@ from rlhf_fast.device import pick_dtype
 from rlhf_fast.memory import format_ledger, memory_ledger
 from rlhf_fast.models.adapters import add_lora
 from rlhf_fast.models.heads import ScalarHead
+from rlhf_fast.models.loading import enable_checkpointing
 from rlhf_fast.rollout.weights import AUTO_COPY_SHARE, merged_copy_bytes
 
 SUPERVISED = ("sft", "rs", "rest", "cai")
@@ -44,6 +45,8 @@ def meta_model(config):
     dtype = torch.bfloat16 if config.dtype == "auto" else pick_dtype(config.dtype, torch.device("cpu"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)  # as load_trainable_lm does: the ledger then counts what it keeps
     return model.to(dtype)
 
 
