@@ -53,6 +53,7 @@ def run_stage(module, class_name: str, argv: list[str], prog: str) -> int:
         sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run; warnings and errors still show
     try:
         module.run(config)
+        distributed.barrier()  # no rank tears the group down while another still talks to it
     finally:
         distributed.close()
     return 0
