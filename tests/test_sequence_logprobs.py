@@ -75,12 +75,13 @@ def test_lm_head_module_is_never_called(base_model):
 
 
 def test_lora_adapter_applies_and_gets_gradients(tiny_model_dir):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.models.adapters import add_lora
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = add_lora(base, "default", r=4, alpha=8, target_modules="q_proj,v_proj")
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     with torch.no_grad():
         for p in lora_b:
