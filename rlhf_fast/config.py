@@ -71,8 +71,8 @@ def _coerce(name: str, kind, value):
         return _coerce(name, args[0], value)
     if origin is list:
         (item,) = typing.get_args(kind)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "a,b" or a YAML flow list "[a, b]"
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         return [_coerce(name, item, v) for v in value]

@@ -59,3 +59,13 @@ def test_config_reference_doc_is_current():
     doc = Path(__file__).resolve().parents[1] / "docs" / "configs.md"
     assert doc.read_text() == config_reference(), \
         "docs/configs.md is stale: python -m rlhf_fast.cli --config-reference > docs/configs.md"
+
+
+def test_list_keys_take_commas_or_a_yaml_list_on_the_command_line():
+    from rlhf_fast.stages.rest import ReSTConfig
+
+    keys = {"model": "m", "prompts": "p", "reward_functions": "rlhf_fast.demo.task:oracle_reward"}
+    for given in ("10,50.5", "[10, 50.5]"):
+        assert load_config(ReSTConfig, None, {**keys, "thresholds": given}).thresholds == [10.0, 50.5]
+    with pytest.raises(ConfigError, match="thresholds: expected float"):
+        load_config(ReSTConfig, None, {**keys, "thresholds": "[x]"})

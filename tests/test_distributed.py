@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rlhf_fast import distributed
 from rlhf_fast.errors import CheckpointError
-from rlhf_fast.stages import dpo, ppo, rm, rs, sft
+from rlhf_fast.stages import dpo, label, ppo, rm, rs, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2
@@ -31,12 +31,16 @@ def metric(output_dir, key):
     return [r[key] for r in rows if key in r]
 
 
-def torchrun(argv: list[str], script: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 -m rlhf_fast.cli <argv>` (or a script), gloo on the CPU."""
+def torchrun(argv: list[str], script: str | None = None, check: bool = True,
+             python_path: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m rlhf_fast.cli <argv>` (or a script), gloo on the CPU;
+    python_path: a directory the ranks import reward / critic functions from."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"]
     target = ["-m", "rlhf_fast.cli", *argv] if script is None else [script, *argv]
-    process = subprocess.run(launcher + target, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if python_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(python_path), env.get("PYTHONPATH")]))
+    process = subprocess.run(launcher + target, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if check:
         assert process.returncode == 0, process.stderr[-3000:]
     return process
@@ -162,6 +166,61 @@ def test_rejection_sampling_on_two_ranks_samples_every_prompt_once(tiny_model_di
     assert [b["reward"] for b in best] == [max(s["rewards"][i] for i, t in enumerate(s["responses"]) if t.strip())
                                            for s in samples if any(t.strip() for t in s["responses"])]
     assert (out / "sft" / "model" / "model.safetensors").exists()
+
+
+FUNCTIONS = """
+def length_reward(prompts, completions, **fields):
+    return [float(len(c)) for c in completions]
+
+def tool_critic(prompts, responses, critique_requests, principles):
+    return [f"critique of {r!r} by {p}" for r, p in zip(responses, principles)]
+
+def tagging_reviser(prompts, responses, critiques, revision_requests, principles):
+    return [f"{r} [{p}]" for r, p in zip(responses, principles)]
+"""
+
+
+def test_label_rest_and_cai_run_on_two_ranks(tiny_model_dir, tmp_path):
+    """The labeller (deterministic: the same preferences as one process), ReST's grow and improve
+    steps and CAI's critique-revise loop, each under torchrun: every prompt sampled once, in order,
+    files written once by rank 0, the fine-tuned model saved."""
+    (tmp_path / "rank_functions.py").write_text(FUNCTIONS)
+    candidates = write_jsonl(tmp_path / "candidates.jsonl", [
+        {"prompt": "fox 1:", "responses": [" the lazy dog", " a reward model", " numbers 3 4"]},
+        {"prompt": "dog 2:", "responses": [" policy gradient", " write a reply"]},
+        {"prompt": "cat 3:", "responses": [" the quick fox", " numbers"]}])
+    judge = dict(candidates=candidates, judge=tiny_model_dir, verdict_a=" 1", verdict_b=" 2", device="cpu",
+                 template="the quick {prompt} first: {response_a} second: {response_b} so the better is")
+    label.run(label.LabelConfig(**{k: str(v) for k, v in judge.items()}, output=str(tmp_path / "one.jsonl")))
+    torchrun(["label", *flags(**judge, output=tmp_path / "two.jsonl")])
+    one, two = (read_jsonl(tmp_path / f"{n}.jsonl") for n in ("one", "two"))
+    assert [(r["chosen"], r["rejected"]) for r in two] == [(r["chosen"], r["rejected"]) for r in one]
+    assert [r["ai_preference"] for r in two] == pytest.approx([r["ai_preference"] for r in one], rel=1e-6)
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(5)])
+    common = dict(model=tiny_model_dir, prompts=prompts, max_new_tokens=5, max_length=32, lora_r=4, max_steps=1,
+                  batch_size=2, micro_batch_size=1, device="cpu")
+    torchrun(["rest", *flags(**common, output_dir=tmp_path / "rest", reward_functions="rank_functions:length_reward",
+                             samples_per_prompt=3, thresholds="[0.0]")], python_path=tmp_path)
+    grown = read_jsonl(tmp_path / "rest" / "grow-1" / "samples.jsonl")
+    assert [g["prompt"] for g in grown] == [f"q{i}:" for i in range(5)]
+    assert all(g["rewards"] == [float(len(r)) for r in g["responses"]] for g in grown)
+    assert len(read_jsonl(tmp_path / "rest" / "steps.jsonl")) == 1
+
+    constitution = tmp_path / "constitution.yaml"
+    constitution.write_text("principles:\n  - name: tools\n    critique_request: Name the tools.\n"
+                            "    revision_request: Remove them.\n")
+    torchrun(["cai", *flags(**common, output_dir=tmp_path / "cai", constitution=constitution, revision_rounds=1,
+                            samples_per_prompt=1, critic_function="rank_functions:tool_critic",
+                            reviser_function="rank_functions:tagging_reviser")], python_path=tmp_path)
+    chains = read_jsonl(tmp_path / "cai" / "revisions.jsonl")
+    assert [c["prompt"] for c in chains] == [f"q{i}:" for i in range(5)]
+    assert all(c["response"] == f"{c['initial']} [tools]" for c in chains)
+    assert (tmp_path / "cai" / "sft" / "model" / "model.safetensors").exists()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
