@@ -11,6 +11,7 @@ dataset and draws the same batch (the same seed); each takes a contiguous share 
 same micro-batches one process would make, and scales its loss by the whole batch's normaliser, so
 the gradients summed over ranks are one process's gradients.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -49,7 +50,9 @@ def init(device: str = "auto") -> "World":
     on_gpu = device != "cpu" and torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if on_gpu else "gloo")
+    # an hour: rank 0 alone writes checkpoints and final models (an 8B merged model takes minutes)
+    # while the others wait in a collective; NCCL's default of ten would call that a hang
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=60))
     return current()
 
 
