@@ -11,7 +11,9 @@ prompts, batch split and LoRA:
     (AutoModelForSequenceClassification of the same base; the value model trains, as TRL's does).
   - rlhf_fast grpo, trl GRPOTrainer: slots for rows to come ("not run").
 bf16 on CUDA, fp32 on the CPU; 1 PPO epoch; one generation batch of the whole rollout batch on both
-sides (TRL: local_rollout_forward_batch_size = batch, which also sets its experience forward batch).
+sides (TRL: local_rollout_forward_batch_size = batch, which also sets its experience forward batch), and
+PPO's no-grad experience forwards in batches of the whole rollout batch on both sides too (rlhf_fast:
+experience_batch_size = batch; its GRPO keeps the micro-batch, as TRL's GRPOTrainer does).
 
 No response ends early: the tokenizer's EOS id is V, one past the model's V output tokens, so the model
 can never sample it and both sides generate the full budget (rlhf_fast's sampler has no min_new_tokens;
@@ -237,7 +239,9 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
     shape, clock, device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
     rss_after_imports = _status_mb("VmRSS")
     began = clock()
-    config_class, extra = (GRPOConfig, {"samples_per_prompt": 4}) if grpo else (PPOConfig, {})
+    # PPO's experience forwards take the whole batch, as TRL's local_rollout_forward_batch_size does here
+    config_class, extra = ((GRPOConfig, {"samples_per_prompt": 4}) if grpo else
+                           (PPOConfig, {"experience_batch_size": shape.batch}))
     config = config_class(
         **extra, model=spec["paths"]["model"], reward_model=spec["paths"]["reward"], prompts=spec["paths"]["prompts"],
         output_dir=str(Path(spec["workdir"]) / "rlhf_fast-run"), overwrite=True, device=device,
@@ -638,7 +642,7 @@ def settings(shape: Shape, dtype_name: str, attn: str, iterations: int, warmup: 
         "shape": {**asdict(shape), "label": shape_label(shape, dtype_name)},
         "dtype": dtype_name, "attn_implementation": attn, "lora": LORA,
         "split": {"batch": shape.batch, "mini_batch": shape.mini_batch, "micro_batch": shape.micro_batch,
-                  "generation_batch": shape.batch, "ppo_epochs": 1},
+                  "generation_batch": shape.batch, "ppo_experience_batch": shape.batch, "ppo_epochs": 1},
         "iterations": iterations, "warmup_iterations": warmup,
         "schedule": ("interleaved: the providers' processes take turns, one iteration at a time" if interleave
                      else "sequential: each provider's process runs alone"),

