@@ -18,6 +18,7 @@ from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.loading import load_causal_lm
 from rlhf_fast.models.sharding import plain_copy
 from rlhf_fast.models.trunk import last_hidden, last_token_index, unwrap_peft
+from rlhf_fast.rollout.weights import adapter_view
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "head.safetensors"
 
@@ -32,10 +33,22 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         check_same_device("RewardModel", self.trunk, input_ids=input_ids, attention_mask=attention_mask)
-        with active_adapter(self.trunk, self.adapter):
-            hidden = last_hidden(self.trunk, input_ids, attention_mask)
+        view = self._scoring_view()
+        if view is not None:
+            hidden = last_hidden(view, input_ids, attention_mask)
+        else:
+            with active_adapter(self.trunk, self.adapter):
+                hidden = last_hidden(self.trunk, input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.head(hidden[rows, last_token_index(attention_mask)])
+
+    def _scoring_view(self) -> nn.Module | None:
+        """Without autograd (scoring), an adapter on a shared trunk runs through the trunk's
+        AdapterView: the same bits as switching peft's active adapter to it, faster; else None."""
+        if self.adapter is None or torch.is_grad_enabled():
+            return None
+        view = adapter_view(self.trunk)
+        return None if view is None else view.module([self.adapter], training=self.trunk.training)
 
     def save(self, directory, base=None, state=None) -> Path:
         """Write the reward model to `directory` whole or not at all; non-finite weights are refused.

@@ -20,9 +20,8 @@ from rlhf_fast.kernels import token_logprobs
 from rlhf_fast.models.adapters import active_adapter, adapters_disabled
 from rlhf_fast.models.heads import ScalarHead
 from rlhf_fast.models.logprobs import next_token_targets
-from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import fusable_head, last_hidden, lm_head_of
-from rlhf_fast.rollout.weights import base_view, lora_layers
+from rlhf_fast.rollout.weights import adapter_view
 
 
 VALUE_MODES = ("head", "shared", "adapter")
@@ -58,9 +57,6 @@ class ActorCritic(nn.Module):
         self.model, self.value_head, self.value_mode = model, value_head, value_mode
         # None: the reference is `model` with its adapters disabled (no second copy)
         self.reference_model = reference
-        # {id of each LoRA layer: base view}, at most one entry; a dict, so that the view is no
-        # submodule (it would enter state_dict and every checkpoint)
-        self._base_views: dict[tuple, nn.Module] = {}
 
     @classmethod
     def full_finetune(cls, model: nn.Module, value_head: ScalarHead | None, offload_reference: bool = False,
@@ -80,7 +76,7 @@ class ActorCritic(nn.Module):
         check_same_device("ActorCritic", self.model, input_ids=input_ids, attention_mask=attention_mask,
                           response_mask=response_mask)
         with autocast(module_device(self.model), next(self.model.parameters()).dtype):
-            hidden = last_hidden(self.model, input_ids, attention_mask)
+            hidden = last_hidden(self._trunk(), input_ids, attention_mask)
         head = lm_head_of(self.model)
         inputs = HeadInputs(hidden[:, :-1], head.weight, head.bias, next_token_targets(input_ids, response_mask))
         return inputs, self.values(hidden, input_ids, attention_mask)
@@ -112,31 +108,23 @@ class ActorCritic(nn.Module):
     @contextlib.contextmanager
     def as_reference(self):
         """Yields the reference model: the frozen copy, or the trunk with adapters disabled (through
-        a base view where there is one, which computes the same and switches nothing)."""
+        its AdapterView where it has one, which computes the same and switches nothing)."""
         if self.reference_model is not None:
             yield self.reference_model
             return
-        view = self._reference_view()
+        view = adapter_view(self.model)
         if view is None:
             with adapters_disabled(self.model):
                 yield self.model
         else:
-            view.train(self.model.training)  # the mode adapters_disabled would run the trunk in
-            yield view
+            yield view.module([], training=self.model.training)  # the mode adapters_disabled runs it in
 
-    def _reference_view(self) -> nn.Module | None:
-        """rollout.weights.base_view of the trunk, made again when its LoRA layers change; None for a
-        sharded trunk (FSDP2's hooks gather the weights of the model itself), a model without
-        LoRA layers, or adapters base_view does not model."""
-        if is_sharded(self.model):
-            return None
-        try:
-            key = tuple(id(layer) for _, layer in lora_layers(self.model))
-            if key and key not in self._base_views:
-                self._base_views = {key: base_view(self.model)}
-        except NotImplementedError:
-            return None
-        return self._base_views.get(key)
+    def _trunk(self) -> nn.Module:
+        """The policy trunk to run: without autograd (the experience pass), its AdapterView, which
+        computes the same bits faster; the model itself otherwise."""
+        view = None if torch.is_grad_enabled() else adapter_view(self.model)
+        module = None if view is None else view.module(training=self.model.training)
+        return self.model if module is None else module
 
     @torch.no_grad()
     def reference_logprobs(self, input_ids, attention_mask, response_mask, *, temperature: float):
