@@ -250,7 +250,7 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
         iterations=spec["warmup"] + spec["iterations"], batch_size=shape.batch, mini_batch_size=shape.mini_batch,
         micro_batch_size=shape.micro_batch, ppo_epochs=1, max_new_tokens=shape.new_tokens,
         max_length=shape.prompt_tokens + shape.new_tokens, temperature=TEMPERATURE, kl_coef=KL_COEF,
-        learning_rate=LEARNING_RATE)
+        learning_rate=LEARNING_RATE, gradient_checkpointing=spec.get("gradient_checkpointing", False))
     trainer = PPOTrainer(config)
     parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports)
     for _ in range(config.iterations):
@@ -680,6 +680,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sequential", action="store_true",
                         help="on the CPU too, run the providers one after the other (default there: they take "
                              "turns iteration by iteration; on CUDA they always run one after the other)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="rlhf_fast's providers recompute each decoder layer in the backward (issue 12's lever "
+                             "for the 8B peak); TRL's run as they are")
     parser.add_argument("--results-dir", type=Path, help="write the JSON here only (bench/results and the "
                                                          "READMEs untouched)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -702,6 +705,8 @@ def main(argv=None) -> int:
     dtype_name, torch_dtype = ("bf16", torch.bfloat16) if cuda else ("fp32", torch.float32)
     attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     label, total = shape_label(shape, dtype_name), args.warmup + iterations
+    if args.gradient_checkpointing:
+        label += " gradient checkpointing (rlhf_fast)"
     try:
         trl_version, trl_missing = importlib.metadata.version("trl"), None
     except importlib.metadata.PackageNotFoundError:
@@ -734,7 +739,8 @@ def main(argv=None) -> int:
             spec_path.write_text(json.dumps({"shape": asdict(shape), "device": args.device, "dtype": dtype_name,
                                              "torch_dtype": str(torch_dtype).removeprefix("torch."), "attn": attn,
                                              "iterations": iterations, "warmup": args.warmup, "paths": paths,
-                                             "workdir": str(workdir)}))
+                                             "workdir": str(workdir),
+                                             "gradient_checkpointing": args.gradient_checkpointing}))
             # after each turn: a run stopped at a time limit keeps what it measured ("complete": false)
             drive([p for p in providers if p.key not in skipped], total, interleave,
                   lambda: save(rows_now(), args.device, meta, args.results_dir))
