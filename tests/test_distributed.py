@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,29 @@ def test_sft_sharded_with_fsdp_on_two_ranks_equals_one_process(tiny_model_dir, s
     trained = load_file(one / "model" / "model.safetensors")
     assert_trained(load_file(tiny_model_dir / "model.safetensors"), trained)
     assert_same_tensors(trained, load_file(two / "model" / "model.safetensors"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_with_a_rendezvous_equal_one_process(tiny_model_dir, sft_data, tmp_path):
+    """`--nnodes 2` with a c10d rendezvous: two launchers, one rank each (two "nodes" on this machine,
+    sharing the filesystem as nodes share output_dir), train what one process trains."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(sft_data), output_dir=str(one), max_steps=2, **SFT))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-nodes",
+                "-m", "rlhf_fast.cli", "sft", *flags(model=tiny_model_dir, data=sft_data, output_dir=two,
+                                                     max_steps=2, **SFT)]
+    nodes = [subprocess.Popen(launcher, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outputs]
+    assert metric(two, "sft/loss") == pytest.approx(metric(one, "sft/loss"), rel=1e-5)
+    assert_same_tensors(load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors"))
 
 
 def test_reward_model_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
