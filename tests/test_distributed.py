@@ -162,15 +162,17 @@ def test_reward_model_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
         assert_same_tensors(load_file(one / "reward" / name), load_file(two / "reward" / name))
 
 
-def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_r,fsdp", [(4, False), (0, True)])
+def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path, lora_r, fsdp):
+    """fsdp with full fine-tuning: the policy and its frozen reference copy both sharded."""
     prefs = write_jsonl(tmp_path / "prefs.jsonl",
                         [{"prompt": f"q{i}:", "chosen": " apple pie", "rejected": f" dog {i}", "margin": i % 3 / 2}
                          for i in range(14)])
-    settings = dict(lora_r=4, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_steps=3, max_length=16,
-                    eval_fraction=0.25, device="cpu")
+    settings = dict(lora_r=lora_r, learning_rate=1e-2 if lora_r else 1e-3, batch_size=4, micro_batch_size=2,
+                    max_steps=3, max_length=16, eval_fraction=0.25, device="cpu")
     one, two = tmp_path / "one", tmp_path / "two"
     dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(prefs), output_dir=str(one), **settings))
-    torchrun(["dpo", *flags(model=tiny_model_dir, data=prefs, output_dir=two, **settings)])
+    torchrun(["dpo", *flags(model=tiny_model_dir, data=prefs, output_dir=two, fsdp=str(fsdp).lower(), **settings)])
     for key in ("dpo/loss", "dpo/rewards/margins", "dpo/grad_norm", "dpo/eval_loss", "dpo/eval_rewards/accuracies"):
         assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-5, abs=1e-6), key
     assert_same_tensors(load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors"))
@@ -256,24 +258,27 @@ def reward_dir(tiny_model_dir, tmp_path_factory):
                               max_steps=1, batch_size=4, micro_batch_size=4, max_length=16, device="cpu"))
 
 
-@pytest.mark.parametrize("estimator,fsdp", [("gae", False), ("grpo", False), ("gae", True)])
-def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_path, estimator, fsdp):
+@pytest.mark.parametrize("estimator,fsdp,lora_r", [("gae", False, 4), ("grpo", False, 4), ("gae", True, 4),
+                                                   ("grpo", True, 0)])
+def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_path, estimator, fsdp, lora_r):
+    """fsdp with LoRA: the frozen base sharded and sampled from; with full fine-tuning (lora_r 0) the
+    policy's weights, gradients and AdamW state and the frozen reference copy are sharded."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}:"} for w in
                                                        ("apple", "pear", "plum", "fig", "kiwi", "lime")])
-    settings = dict(lora_r=4, learning_rate=1e-2, iterations=2, batch_size=8, mini_batch_size=4,
-                    micro_batch_size=2, max_new_tokens=5, max_length=24, ppo_epochs=2, device="cpu",
+    settings = dict(lora_r=lora_r, learning_rate=1e-2 if lora_r else 1e-3, iterations=2, batch_size=8,
+                    mini_batch_size=4, micro_batch_size=2, max_new_tokens=5, max_length=24, ppo_epochs=2, device="cpu",
                     advantage_estimator=estimator, samples_per_prompt=2, normalize_scores=True,
                     advantage_backend="torch")
     one, two = tmp_path / "one", tmp_path / "two"
     ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
                           output_dir=str(one), **settings))
     torchrun(["ppo", *flags(model=tiny_model_dir, reward_model=reward_dir, prompts=prompts, output_dir=two,
-                            fsdp=str(fsdp).lower(), **settings)])  # fsdp: the frozen base sharded, sampled from
+                            fsdp=str(fsdp).lower(), **settings)])
     assert metric(two, "ppo/response_length") == metric(one, "ppo/response_length")  # the same samples
     for key in ("reward/score_mean", "ppo/kl", "ppo/policy_loss", "ppo/grad_norm"):
         assert metric(two, key) == pytest.approx(metric(one, key), rel=1e-4, abs=1e-6), key
-    adapter = "policy/adapter/policy/adapter_model.safetensors"
-    assert_same_tensors(load_file(one / adapter), load_file(two / adapter))
+    weights = "policy/adapter/policy/adapter_model.safetensors" if lora_r else "policy/model/model.safetensors"
+    assert_same_tensors(load_file(one / weights), load_file(two / weights))
     if estimator == "gae":
         assert metric(two, "value/loss") == pytest.approx(metric(one, "value/loss"), rel=1e-4)
         assert_same_tensors(load_file(one / "policy" / "value_head.safetensors"),

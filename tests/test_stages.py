@@ -219,6 +219,23 @@ def test_ppo_with_a_reward_model_of_its_own(tiny_model_dir, tmp_path):
     assert stats["ppo/kl"] == 0.0 and torch.isfinite(torch.tensor(stats["ppo/policy_loss"]))
 
 
+def test_full_fine_tuning_ppo_with_a_lora_reward_model_trains_its_own_weights(tiny_model_dir, tmp_path):
+    """The reward adapter loads onto a trunk of its own; the fully trained policy is not that trunk
+    (a bug once made the policy the reward model's frozen trunk: 'nothing to train')."""
+    reward_dir, _ = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "q1:"}, {"prompt": "q2:"}])
+    trainer = ppo.PPOTrainer(ppo.PPOConfig(
+        model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+        output_dir=str(tmp_path / "ppo"), lora_r=0, iterations=1, batch_size=2, mini_batch_size=2,
+        micro_batch_size=2, max_new_tokens=3, max_length=16, learning_rate=1e-2))
+    assert trainer.reward_model.adapter == "reward" and trainer.reward_model.trunk is not trunk_of(trainer)
+    reward_before = {n: p.clone() for n, p in trainer.reward_model.named_parameters()}
+    policy_before = {n: p.clone() for n, p in trunk_of(trainer).named_parameters()}
+    trainer.step()
+    assert all(torch.equal(p, reward_before[n]) for n, p in trainer.reward_model.named_parameters())
+    assert any(not torch.equal(p, policy_before[n]) for n, p in trunk_of(trainer).named_parameters())
+
+
 def trunk_of(trainer):
     return trainer.actor.model
 

@@ -299,7 +299,9 @@ def run(config: DPOConfig) -> Path:
         print(f"dpo: reference log-probs precomputed for {len(train) + len(held_out)} pairs")
 
     if config.fsdp:
-        sharding.shard(model)  # after the reference is set up (a full fine-tuning copy stays whole)
+        sharding.shard(model)  # after the reference is set up
+        if actor.reference_model not in (None, model) and not config.offload_reference:
+            sharding.shard(actor.reference_model)  # full fine-tuning's frozen copy, gathered per layer
     num_steps = total_steps(config, len(train))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, num_steps)

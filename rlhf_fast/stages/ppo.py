@@ -218,7 +218,7 @@ class PPOTrainer:
                                                 shared_trunk=model if config.lora_r else None,
                                                 device=self.device, dtype=config.dtype)
         for reward_model in self.reward_models.values():
-            if reward_model.adapter is not None:
+            if config.lora_r and reward_model.adapter is not None:
                 model = reward_model.trunk  # reward adapters were loaded onto the policy's PeftModel
         # the one a value function may copy
         self.reward_model = next(iter(self.reward_models.values()), None)
@@ -229,7 +229,9 @@ class PPOTrainer:
         self.actor = (ActorCritic(model, value_head, value_mode=config.value_mode) if config.lora_r else
                       ActorCritic.full_finetune(model, value_head, config.offload_reference, config.value_mode))
         if config.fsdp:
-            sharding.shard(self.actor.model)  # every adapter is on; the full fine-tuning reference stays whole
+            sharding.shard(self.actor.model)  # every adapter is on
+            if self.actor.reference_model is not None and not config.offload_reference:
+                sharding.shard(self.actor.reference_model)  # full fine-tuning's frozen copy, gathered per layer
         self.engine = RolloutEngine(self.actor.model, self.tokenizer, generation_weights=config.generation_weights,
                                     generation_batch_size=config.generation_batch_size, max_length=config.max_length)
         self.records = records
