@@ -272,7 +272,7 @@ def label_with_constitution(pairs: list[dict], constitution: Constitution, judge
 
 def rl_cai_data(config: CAIConfig, constitution: Constitution, policy: Path, output: Path) -> None:
     pairs_file = output / "pairs.jsonl"
-    pairs = ([r for _, r in data.read_jsonl(pairs_file)] if pairs_file.exists()
+    pairs = ([r for _, r in data.read_jsonl(pairs_file)] if distributed.on_main(pairs_file.exists)
              else sample_pairs(config, constitution, policy, pairs_file))
     if not config.judge_function:
         print(f"cai: RL-CAI pairs in {pairs_file}; label them with the constitution's preference questions as the "
@@ -292,7 +292,7 @@ def run(config: CAIConfig) -> Path:
     output = Path(config.output_dir)
     prepare_steps(config, output, "revisions.jsonl", "a CAI run")
     constitution = load_constitution(config.constitution)
-    if (output / "train.jsonl").exists():
+    if distributed.on_main((output / "train.jsonl").exists):  # rank 0's view decides for every rank
         print(f"cai: {output / 'train.jsonl'} is written; resuming at the fine-tuning")
     else:
         stats = revise(config, constitution, output)

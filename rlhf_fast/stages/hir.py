@@ -246,7 +246,7 @@ def run(config: HIRConfig) -> Path:
     for index in range(1, config.rounds + 1):
         round_dir = output / f"round-{index}"
         train_file = round_dir / "train.jsonl"
-        if train_file.exists():
+        if distributed.on_main(train_file.exists):  # rank 0's view decides for every rank
             print(f"hir: {train_file} is written; reusing it")
         else:
             write_round(config, policy, records, round_dir, index)    # 1-2. sample, relabel

@@ -151,7 +151,7 @@ def improve(config: ReSTConfig, policy: Path, train_file: Path, output: Path) ->
 def grow(config: ReSTConfig, policy: Path, output: Path, step: int) -> list[dict]:
     """One Grow step's dataset (written to output/samples.jsonl, or read back from it on resume)."""
     path = output / "samples.jsonl"
-    if path.exists():
+    if distributed.on_main(path.exists):  # rank 0's view decides for every rank
         print(f"rest: {path} is written; reusing it")
         return [record for _, record in data.read_jsonl(path)]
     output.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def improve_data(config: ReSTConfig, rows: list[dict], empty: int, tau: float, g
         kept = [{**r, "weight": w} for r, w in zip(kept, weights)]
     output.mkdir(parents=True, exist_ok=True)
     train_file = output / "train.jsonl"
-    if not train_file.exists():
+    if not distributed.on_main(train_file.exists):
         write_jsonl_atomic(train_file, kept)
     rewards = [r["reward"] for r in rows]
     stats = {"rest/threshold": tau, "rest/threshold_given": given, "rest/scored": len(rows), "rest/empty": empty,

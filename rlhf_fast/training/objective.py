@@ -102,8 +102,14 @@ def fine_tune_step(config: SupervisedConfig, policy, train_file, output, *, enco
     so a stage rerun with resume continues where it stopped. Plain NLL through train_supervised
     unless `micro_loss` (with `encode`) is given."""
     output = Path(output)
-    run = json.loads((output / rundir.RUN_FILE).read_text()) if (output / rundir.RUN_FILE).exists() else {}
-    if run.get("finished") and (output / "model").is_dir():
+
+    def earlier_run() -> tuple[dict, bool]:
+        run = json.loads((output / rundir.RUN_FILE).read_text()) if (output / rundir.RUN_FILE).exists() else {}
+        return run, (output / "model").is_dir()
+
+    # rank 0's view decides for every rank: one that looked after rank 0 started the step would resume it
+    run, written = distributed.on_main(earlier_run)
+    if run.get("finished") and written:
         print(f"{stage}: {output / 'model'} is already written; step skipped")
         return output / "model"
     keys = {f.name: getattr(config, f.name) for f in fields(SupervisedConfig)}
