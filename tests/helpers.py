@@ -129,3 +129,22 @@ def assert_same_d_weight(one_chunk, many_chunks, dtype):
         differs = many_chunks != one_chunk
         assert differs.double().mean() < 0.01, f"{differs.sum()} of {differs.numel()} bf16 d weights differ"
         assert torch.all((many_chunks - one_chunk).abs() <= one_chunk.abs() * 2 ** -7), "more than one bf16 ulp"
+
+
+# A child CLI run (`python -c KILL_AFTER_CHECKPOINT.format(step=N) <argv>`, or the same text as a
+# script under torchrun) that SIGKILLs itself the moment checkpoint N is written: a kill -9 at a chosen
+# moment, not a race with the clock. Under torchrun rank 0 is the one killed.
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from rlhf_fast import distributed
+from rlhf_fast.training import runstate
+save = runstate.save
+def save_then_die(run_dir, step, *args, **kwargs):
+    path = save(run_dir, step, *args, **kwargs)
+    if step == {step} and distributed.current().main:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+runstate.save = save_then_die
+from rlhf_fast.cli import main
+main(sys.argv[1:])
+"""

@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import KILL_AFTER_CHECKPOINT
+
 from rlhf_fast import distributed
 from rlhf_fast.errors import CheckpointError
-from rlhf_fast.stages import dpo, label, ppo, rm, rs, sft
+from rlhf_fast.stages import dpo, label, ppo, rm, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2
@@ -286,22 +288,6 @@ def test_ppo_on_two_ranks_equals_one_process(tiny_model_dir, reward_dir, tmp_pat
 
 
 # --- kill and resume --------------------------------------------------------------------------
-
-KILL_AFTER_CHECKPOINT = """
-import os, signal, sys
-from rlhf_fast import distributed
-from rlhf_fast.training import runstate
-save = runstate.save
-def save_then_die(run_dir, step, *args, **kwargs):
-    path = save(run_dir, step, *args, **kwargs)
-    if step == {step} and distributed.current().main:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-runstate.save = save_then_die
-from rlhf_fast.cli import main
-main(sys.argv[1:])
-"""
-
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["data-parallel", "fsdp"])
 def test_two_ranks_killed_and_resumed_equal_the_uninterrupted_run(tiny_model_dir, sft_data, tmp_path, sharded):

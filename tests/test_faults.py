@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import KILL_AFTER_CHECKPOINT
+
 from rlhf_fast import checkpoint
 from rlhf_fast.config import ConfigError, load_config, parse_overrides
 from rlhf_fast.errors import CheckpointError, DataError, TrainingDiverged
@@ -305,21 +307,6 @@ def test_the_reward_model_counts_what_it_drops(tiny_model_dir, tmp_path, capsys)
 
 # --- kill -9 ----------------------------------------------------------------------------------
 
-KILL_AFTER_CHECKPOINT = """
-import os, signal
-from rlhf_fast.training import runstate
-save = runstate.save
-def save_then_die(run_dir, step, *args, **kwargs):
-    path = save(run_dir, step, *args, **kwargs)
-    if step == {step}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-runstate.save = save_then_die
-from rlhf_fast.cli import main
-main({argv!r})
-"""
-
-
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_model(tiny_model_dir, tmp_path):
     data = sft_data(tmp_path)
     args = ["--model", str(tiny_model_dir), "--data", str(data), "--lora_r", "4", "--learning_rate", "1e-2",
@@ -330,8 +317,9 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_model(tiny_model
     killed = tmp_path / "killed"
     # the CLI in a child process that SIGKILLs itself the moment checkpoint 4 is written: a kill -9 at
     # a chosen moment, not a race with the clock
-    child = KILL_AFTER_CHECKPOINT.format(step=4, argv=["sft", *args, "--output_dir", str(killed)])
-    process = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    child = KILL_AFTER_CHECKPOINT.format(step=4)
+    process = subprocess.run([sys.executable, "-c", child, "sft", *args, "--output_dir", str(killed)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
     assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
     assert (killed / "checkpoints" / "step-000004").is_dir()
     assert not (killed / "model").exists(), "killed before the end"

@@ -14,6 +14,7 @@ refused by gloo); the stages scale each rank's loss by the whole batch's normali
 parallelism, so `distributed.reduce_gradients` multiplies the sharded gradients back by the rank count.
 """
 import torch
+from peft import get_peft_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -65,7 +66,6 @@ def plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     with torch.device("meta"):
         copy = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state.values())).dtype)
     if hasattr(model, "peft_config"):
-        from peft import get_peft_model
         names = list(model.peft_config)
         copy = get_peft_model(copy, model.peft_config[names[0]], adapter_name=names[0])
         for name in names[1:]:
