@@ -9,7 +9,12 @@ prompts, batch split and LoRA:
   - trl PPOTrainer 0.29.1 (trl.experimental.ppo): the same LoRA policy through its peft_config, reference
     = adapters off, and what its PPOTrainer needs beside it: a full value model and a full reward model
     (AutoModelForSequenceClassification of the same base; the value model trains, as TRL's does).
-  - rlhf_fast grpo, trl GRPOTrainer: slots for rows to come ("not run").
+    Its old log-probs follow `old_logprobs auto`: the rollout's in fp32 (the CPU: the experience pass
+    takes the engine's log-probs and hidden states, as TRL's PPOTrainer takes its generation's logits),
+    a recomputing policy forward in bf16 (CUDA).
+  - rlhf_fast ppo (old_logprobs recompute | rollout): the same with the choice `auto` does not make on
+    this device, so both are measured in one run.
+  - rlhf_fast grpo, trl GRPOTrainer: GRPO on both sides, 4 samples per prompt.
 bf16 on CUDA, fp32 on the CPU; 1 PPO epoch; one generation batch of the whole rollout batch on both
 sides (TRL: local_rollout_forward_batch_size = batch, which also sets its experience forward batch), and
 PPO's no-grad experience forwards in batches of the whole rollout batch on both sides too (rlhf_fast:
@@ -109,6 +114,7 @@ LEARNING_RATE, KL_COEF, TEMPERATURE, SEED = 1e-4, 0.05, 1.0, 0
 PHASES = ("rollout", "score", "experience", "advantages", "update")
 
 OURS, TRL, OURS_GRPO, TRL_GRPO = "rlhf_fast ppo", "trl PPOTrainer", "rlhf_fast grpo", "trl GRPOTrainer"
+OURS_RECOMPUTE, OURS_ROLLOUT = "rlhf_fast ppo (old_logprobs recompute)", "rlhf_fast ppo (old_logprobs rollout)"
 RESULT_MARK = "PPO_STEP_RESULT "  # starts a provider's report lines on stdout, among what the trainers print
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "unk_token": "<unk>"}
 EOS = "</s>"
@@ -230,10 +236,12 @@ class Parent:
             raise SystemExit("ppo_step: the parent process is gone")
 
 
-def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
+def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprobs: str = "auto") -> None:
     """rlhf_fast's PPO (or, grpo, its GRPO: groups of 4 samples per prompt, no critic, k3 KL as a loss
     term; as many sequences per iteration), each phase timed by calling PPOTrainer's public methods in
-    step()'s order."""
+    step()'s order; old_logprobs as PPOConfig's. Each iteration reports `rollout/logprob_diff` (engine
+    vs trainer log-probs; 0 where the old log-probs are the rollout's)."""
+    from rlhf_fast.rollout import logprob_diff
     from rlhf_fast.stages.ppo import GRPOConfig, PPOConfig, PPOTrainer
 
     shape, clock, device = Shape(**spec["shape"]), Clock(spec["device"]), spec["device"]
@@ -250,7 +258,8 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
         iterations=spec["warmup"] + spec["iterations"], batch_size=shape.batch, mini_batch_size=shape.mini_batch,
         micro_batch_size=shape.micro_batch, ppo_epochs=1, max_new_tokens=shape.new_tokens,
         max_length=shape.prompt_tokens + shape.new_tokens, temperature=TEMPERATURE, kl_coef=KL_COEF,
-        learning_rate=LEARNING_RATE, gradient_checkpointing=spec.get("gradient_checkpointing", False))
+        learning_rate=LEARNING_RATE, gradient_checkpointing=spec.get("gradient_checkpointing", False),
+        old_logprobs=old_logprobs)
     trainer = PPOTrainer(config)
     parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports)
     for _ in range(config.iterations):
@@ -262,6 +271,7 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
         marks.append(clock())
         experience = trainer.make_experience(rollout, scores)
         marks.append(clock())
+        diff = logprob_diff(rollout.logprobs, experience.old_logprobs, rollout.response_mask)
         trainer.compute_advantages(experience)
         marks.append(clock())
         trainer.actor.train()  # as step() does before its PPO epochs
@@ -272,7 +282,8 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False) -> None:
                       phases_ms={phase: (b - a) * 1e3 for phase, a, b in zip(PHASES, marks, marks[1:])},
                       response_tokens=int(lengths.sum()), rows=int(lengths.numel()),
                       generated_width=int(rollout.input_ids.shape[1] - rollout.prompt_length),
-                      ended_with_eos=int(rollout.ended_with_eos.sum()), peak_mb=peak_mb(device))
+                      ended_with_eos=int(rollout.ended_with_eos.sum()), peak_mb=peak_mb(device),
+                      logprob_diff=diff, old_logprobs=trainer.old_logprobs)
     parent.report(event="done", status="ok", peak_mb=peak_mb(device))
 
 
@@ -455,7 +466,9 @@ def run_trl_grpo(spec: dict, parent: Parent) -> None:
     parent.report(event="done", status="ok", peak_mb=peak_mb(device))
 
 
-CHILDREN = {OURS: run_rlhf_fast, TRL_GRPO: run_trl_grpo, OURS_GRPO: functools.partial(run_rlhf_fast, grpo=True), TRL: run_trl}
+CHILDREN = {OURS: run_rlhf_fast, OURS_RECOMPUTE: functools.partial(run_rlhf_fast, old_logprobs="recompute"),
+            OURS_ROLLOUT: functools.partial(run_rlhf_fast, old_logprobs="rollout"),
+            TRL_GRPO: run_trl_grpo, OURS_GRPO: functools.partial(run_rlhf_fast, grpo=True), TRL: run_trl}
 
 
 def child_main(provider: str, spec_path: str) -> None:
@@ -593,6 +606,11 @@ def provider_rows(label: str, provider: str, result: dict, warmup: int, total: i
         row["mean_response_length_trl_view"] = sum(it["trl_response_tokens"] for it in steady) / rows_sampled
     if "ended_with_eos" in steady[0]:
         row["responses_ended_with_eos"] = sum(it["ended_with_eos"] for it in steady)
+    if "logprob_diff" in steady[0]:  # rlhf_fast's: engine vs trainer log-probs, and where old ones came from
+        row["old_logprobs"] = steady[0]["old_logprobs"]
+        row["logprob_diff"] = max(it["logprob_diff"] for it in steady)
+        if row["old_logprobs"] == "recompute":
+            row["rate"] += f"; logprob_diff {row['logprob_diff']:.1e}"
     if "version" in result:
         row["version"] = result["version"]
     rows = [row]
@@ -607,13 +625,14 @@ def provider_rows(label: str, provider: str, result: dict, warmup: int, total: i
 
 
 def compare(rows: list[dict], trl_name: str) -> None:
-    """Add "Nx TRL's speed, Mx its peak" to our iteration row where both were measured."""
+    """Add "Nx TRL's speed, Mx its peak" to our PPO iteration rows where both were measured."""
     by = {r["provider"]: r for r in rows if r["mode"] == "iteration" and r.get("median_ms") is not None}
-    ours, trl = by.get(OURS), by.get(trl_name)
-    if ours and trl:
-        ours["speedup_vs_trl"] = trl["median_ms"] / ours["median_ms"]
-        ours["peak_vs_trl"] = ours["peak_mb"] / trl["peak_mb"]
-        ours["rate"] += f"; {ours['speedup_vs_trl']:.2f}x TRL's speed, {ours['peak_vs_trl']:.2f}x its peak"
+    trl = by.get(trl_name)
+    for ours in (by.get(OURS), by.get(OURS_RECOMPUTE), by.get(OURS_ROLLOUT)):
+        if ours and trl:
+            ours["speedup_vs_trl"] = trl["median_ms"] / ours["median_ms"]
+            ours["peak_vs_trl"] = ours["peak_mb"] / trl["peak_mb"]
+            ours["rate"] += f"; {ours['speedup_vs_trl']:.2f}x TRL's speed, {ours['peak_vs_trl']:.2f}x its peak"
 
 
 def save(rows: list[dict], device: str, meta: dict, results_dir: Path | None) -> Path:
@@ -655,6 +674,11 @@ def settings(shape: Shape, dtype_name: str, attn: str, iterations: int, warmup: 
                   "policy trunk (value_mode head), reward = an untrained LoRA adapter + scalar head on the same "
                   "base (RewardModel.save, the layout `rlhf-fast rm` writes); phases timed by calling "
                   "rollout/score/make_experience/compute_advantages/train_minibatches in step()'s order",
+            "old_logprobs": f"{OURS}: PPOConfig's default, 'auto': 'rollout' in fp32 (the experience pass takes "
+                            "the engine's log-probs, from an fp32 head, and the hidden states it drew each token "
+                            "from, which the value head reads, instead of a policy forward, as TRL takes its "
+                            "generation's logits; the reference forward stays), 'recompute' in bf16; "
+                            f"{OURS_RECOMPUTE!r} / {OURS_ROLLOUT!r} pin either",
             TRL: "trl.experimental.ppo.PPOTrainer with peft_config (same LoRA), ref_model None (adapters off), a "
                  "full value model and a full reward model (AutoModelForSequenceClassification of the same "
                  "base, num_labels 1; the value model trains with the policy, as TRL's PPO needs); "
@@ -675,8 +699,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: tiny on the CPU, llama-3.2-1b on CUDA")
     parser.add_argument("--iterations", type=int, help="steady iterations timed (default 5 on the CPU, 3 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="first iterations reported apart (default 1)")
-    parser.add_argument("--providers", default=f"{OURS},{OURS_GRPO},{TRL},{TRL_GRPO}",
-                        help=f"comma-separated, of {OURS!r}, {OURS_GRPO!r}, {TRL!r}, {TRL_GRPO!r}")
+    parser.add_argument("--providers", help=f"comma-separated, of {', '.join(map(repr, CHILDREN))} (default: "
+                                            f"all but the old_logprobs choice that {OURS!r} makes: on the CPU "
+                                            f"{OURS_ROLLOUT!r}, on CUDA {OURS_RECOMPUTE!r})")
     parser.add_argument("--sequential", action="store_true",
                         help="on the CPU too, run the providers one after the other (default there: they take "
                              "turns iteration by iteration; on CUDA they always run one after the other)")
@@ -697,7 +722,9 @@ def main(argv=None) -> int:
     iterations = args.iterations if args.iterations is not None else (3 if cuda else 5)
     if iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
-    wanted = list(dict.fromkeys(p.strip() for p in args.providers.split(",") if p.strip()))
+    chosen = args.providers or ",".join(key for key in (OURS, OURS_RECOMPUTE, OURS_ROLLOUT, OURS_GRPO, TRL, TRL_GRPO)
+                                           if key != (OURS_RECOMPUTE if cuda else OURS_ROLLOUT))
+    wanted = list(dict.fromkeys(p.strip() for p in chosen.split(",") if p.strip()))
     unknown = sorted(set(wanted) - set(CHILDREN))
     if unknown:
         parser.error(f"unknown providers {unknown}; choose among {sorted(CHILDREN)}")

@@ -183,7 +183,7 @@ def test_pipeline_example_runs_end_to_end(in_workdir, tmp_path):
     assert (out / "rm" / "reward" / "head.safetensors").exists()
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "ppo/kl" in r] == [1, 2]
-    assert rows[0]["ppo/kl"] == 0.0, "PPO starts at the SFT model"
+    assert abs(rows[0]["ppo/kl"]) < 1e-5, "PPO starts at the SFT model (up to the rounding of the rollout's log-probs)"
     assert (out / "ppo" / "policy" / "adapter" / "policy").is_dir()
 
 
@@ -221,7 +221,7 @@ def test_readme_route_sft_rm_ppo_then_generate(readme_route, monkeypatch):
     assert (Path("runs/sft/model/config.json")).exists()
     assert json.loads(Path("runs/rm/reward/reward_config.json").read_text())
     rows = [r for r in jsonl("runs/ppo/metrics.jsonl") if "reward/score_mean" in r]
-    assert [r["step"] for r in rows] == [1, 2] and rows[0]["ppo/kl"] == 0.0
+    assert [r["step"] for r in rows] == [1, 2] and abs(rows[0]["ppo/kl"]) < 1e-5
     run_cli("generate", "--model", "runs/ppo/model", "--output", "runs/generate/ppo_best.jsonl")
     prompts = data.load_prompts("examples/data/prompts.jsonl")
     best = jsonl("runs/generate/ppo_best.jsonl")

@@ -41,7 +41,8 @@ def test_grpo_samples_groups_trains_no_critic_and_keeps_the_kl_as_a_loss_term(ti
     words = [len(t.split()) for t in trainer.tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)]
     assert scores.tolist() == [-abs(w - 2) for w in words]
     stats = trainer.step()
-    assert "value/loss" not in stats and "ppo/kl" in stats and stats["rollout/logprob_diff"] < 1e-4
+    assert "value/loss" not in stats and "ppo/kl" in stats
+    assert "rollout/logprob_diff" not in stats, "old_logprobs auto takes the rollout's in fp32"
     trainer.train()
     saved = tmp_path / "grpo" / "policy"
     assert (saved / "adapter").is_dir() and not (saved / "value_head.safetensors").exists()

@@ -50,3 +50,25 @@ def test_captured_decode_equals_eager_across_optimizer_steps(tiny_model_dir, wei
     trainer, _ = sequence_logprobs(policy, sampled.input_ids, sampled.attention_mask,
                                    response_start=sampled.prompt_length, temperature=0.8)
     assert logprob_diff(sampled.logprobs, trainer, sampled.response_mask) < 1e-4
+
+
+def test_captured_decode_returns_the_eager_hidden_states_and_fp32_head_in_bf16(tiny_model_dir):
+    """return_hidden (old_logprobs "rollout") on CUDA in bf16: the captured step, with its
+    torch.mm(out_dtype=fp32) head, gives the eager step's tokens, log-probs and hidden states, and its
+    log-probs stay near the trainer's (the bound is loose: bf16 activations round differently in the
+    KV-cached decode and the full forward; bench.ppo_step measures the actual difference)."""
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    policy = lora_policy(tiny_model_dir, "bf16")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, len(tokenizer), (n,), generator=generator).tolist() for n in (5, 12, 3)]
+    eager = RolloutEngine(policy, tokenizer, compile=False, return_hidden=True)
+    captured = RolloutEngine(policy, tokenizer, compile=True, max_length=64, return_hidden=True)
+    expected = eager.sample(prompts, max_new_tokens=16, do_sample=False)
+    got = captured.sample(prompts, max_new_tokens=16, do_sample=False)
+    assert torch.equal(got.input_ids, expected.input_ids)
+    assert torch.allclose(got.logprobs, expected.logprobs, atol=1e-3)
+    mask = got.response_mask[:, got.prompt_length - 1:].bool()
+    assert got.response_hidden.dtype == torch.bfloat16
+    assert torch.allclose(got.response_hidden[mask].float(), expected.response_hidden[mask].float(), atol=5e-2)
+    trainer, _ = sequence_logprobs(policy, got.input_ids, got.attention_mask, response_start=got.prompt_length)
+    assert logprob_diff(got.logprobs, trainer, got.response_mask) < 5e-2

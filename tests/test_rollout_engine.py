@@ -10,9 +10,11 @@ from rlhf_fast.memory import kv_cache_bytes, memory_ledger
 from rlhf_fast.models.adapters import adapters_disabled, add_lora
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.logprobs import sequence_logprobs
+from rlhf_fast.models.trunk import last_hidden
 from rlhf_fast.rollout import RolloutEngine, choose_tokens, filter_logits, logprob_diff, response_frame, sample
 from rlhf_fast.rollout import engine as engine_module
 from rlhf_fast.rollout import weights as weights_module
+from rlhf_fast.rollout.engine import fp32_logits
 from rlhf_fast.rollout.weights import MergedLinear, active_terms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +108,60 @@ def test_sampled_logprobs_are_the_trainers(tiny_model_dir, weights):
     assert (rollout.logprobs - trainer).abs().max().item() < LOGPROB_TOL
     expected = ((rollout.logprobs.double() - trainer.double()).abs() * mask).sum() / mask.sum()
     assert logprob_diff(rollout.logprobs, trainer, rollout.response_mask) == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("weights", LORA_WEIGHTS)
+def test_returned_hidden_states_are_the_trunks_and_log_probs_the_trainers(tiny_model_dir, weights):
+    """return_hidden: the state each response token was drawn from equals the policy trunk's final
+    hidden state there (a full forward's), the log-probs still equal the trainer's, and greedy
+    decoding through the decoder + fp32 head still picks HF generate's tokens."""
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    model = with_lora(fp32_model(tiny_model_dir))
+    prompts = random_prompts(tokenizer, [3, 9, 6], seed=4)
+    eos = mid_response_eos(model, tokenizer, prompts, 10)
+    kept = engine(model, tokenizer, weights, return_hidden=True, eos_token_ids=[eos])
+    greedy = kept.sample(prompts, max_new_tokens=10, do_sample=False)
+    assert torch.equal(greedy.input_ids, hf_greedy(model, tokenizer, prompts, 10, [eos]))
+
+    rollout = kept.sample(prompts, max_new_tokens=10, temperature=0.7, top_p=0.9, num_samples=2)
+    p, width = rollout.prompt_length, rollout.input_ids.shape[1] - rollout.prompt_length
+    assert rollout.response_hidden.shape == (6, width, model.config.hidden_size)
+    with torch.no_grad():
+        trunk = last_hidden(model, rollout.input_ids, rollout.attention_mask)[:, p - 1:-1]
+    in_response = rollout.response_mask[:, p - 1:].bool()
+    scale = trunk[in_response].abs().max().item()
+    assert (rollout.response_hidden - trunk)[in_response].abs().max().item() < LOGPROB_TOL / 2 * scale
+    trainer, _ = sequence_logprobs(model, rollout.input_ids, rollout.attention_mask, response_start=p,
+                                   temperature=0.7)
+    assert (rollout.logprobs - trainer).abs().max().item() < LOGPROB_TOL
+    assert engine(model, tokenizer, weights).sample(prompts, max_new_tokens=4).response_hidden is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_logits_sum_half_precision_products_without_rounding(dtype):
+    """Half-precision hidden states and head, fp32 logits: within fp32 rounding of the fp64 sum,
+    where the head's own half-precision output is off by its 8 (bf16) or 11 (fp16) mantissa bits."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=True).to(DEVICE, dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+        head.bias.copy_(torch.randn(head.bias.shape, generator=generator))
+    hidden = torch.randn((5, 64), generator=generator).to(DEVICE, dtype)
+    exact = hidden.double() @ head.weight.double().T + head.bias.double()
+    logits = fp32_logits(hidden, head)
+    assert logits.dtype == torch.float32
+    error = (logits.double() - exact).abs().max().item()
+    assert error < 1e-4 * exact.abs().max().item()
+    with torch.no_grad():
+        assert error < (head(hidden).double() - exact).abs().max().item() / 10
+
+
+def test_return_hidden_needs_a_plain_linear_head(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    model = fp32_model(tiny_model_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        engine(model, tokenizer, return_hidden=True)
 
 
 def hand_filtered_probs(scores, top_k, top_p):

@@ -8,7 +8,8 @@ One call of `RolloutEngine.sample`:
      CUDA, C = max_length or a multiple of 64, and the rows padded to a fixed count, so the
      captured decode step is reused), then one decode step per new token: forward of the last
      token, temperature / top-k / top-p, draw, EOS bookkeeping; stop when every row has ended;
-  4. assemble the `Rollout`, with the log-prob each sampled token was drawn with.
+  4. assemble the `Rollout`, with the log-prob each sampled token was drawn with (and, asked for,
+     the trunk's final hidden state before each response token: `return_hidden`).
 Position ids are cumsum(attention_mask) - 1, as `models.trunk.last_hidden` makes them in
 training, so a token is scored at the position it was sampled at.
 """
@@ -24,7 +25,7 @@ from rlhf_fast import distributed
 from rlhf_fast.data import pad_batch
 from rlhf_fast.device import autocast, module_device
 from rlhf_fast.models.sharding import is_sharded
-from rlhf_fast.models.trunk import unwrap_peft
+from rlhf_fast.models.trunk import decoder_of, fusable_head, lm_head_of, unwrap_peft
 from rlhf_fast.rollout.frame import Rollout
 from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, choose_tokens
 from rlhf_fast.rollout.weights import GenerationView, merged_copy_bytes, resolve_weights
@@ -41,6 +42,21 @@ def compile_step(step):
     return torch.compile(step, mode="reduce-overhead", dynamic=False)
 
 
+def fp32_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """hidden [B, D] @ W.T + b as fp32 logits [B, V], products summed in fp32 and never rounded to the
+    weights' dtype: what the trainer's fused head (kernels.token_logprobs) computes. A bf16 LM head
+    rounds each logit to 8 bits of mantissa (about 0.03 at a logit of 10), which would move every
+    log-prob by that much."""
+    weight = head.weight
+    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+        logits = F.linear(hidden, weight)
+    elif hidden.is_cuda:  # cuBLAS: half-precision inputs, fp32 accumulation and output
+        logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    else:
+        logits = F.linear(hidden.float(), weight.float())
+    return logits if head.bias is None else logits + head.bias.float()
+
+
 class RolloutEngine:
     """Samples responses from a causal LM (plain, or peft with LoRA adapters) at merged-weight
     speed without ever writing to its weights.
@@ -54,10 +70,15 @@ class RolloutEngine:
     the decode step once per run; 0 = sized per call.
     eos_token_ids: the ids that end a response (default: the tokenizer's EOS).
     compile: capture the decode step (torch.compile, mode "reduce-overhead"); default: on CUDA.
+    return_hidden: every Rollout carries `response_hidden`, the trunk's final hidden state before
+    each response token (what a value head on the policy trunk reads), and the logits come from
+    the model's decoder and an fp32 head (`fp32_logits`), as the trainer's fused head computes
+    them, so that the rollout's log-probs can stand in for the trainer's (PPO's
+    old_logprobs "rollout"). Needs an LM head that is a plain linear layer (`fusable_head`).
     """
 
     def __init__(self, model, tokenizer, *, generation_weights: str = "auto", generation_batch_size: int = 0,
-                 max_length: int = 0, eos_token_ids=None, compile: bool | None = None):
+                 max_length: int = 0, eos_token_ids=None, compile: bool | None = None, return_hidden: bool = False):
         if generation_batch_size < 0:
             raise ValueError(f"generation_batch_size must be >= 0 (0 = one batch), got {generation_batch_size}")
         if max_length < 0:
@@ -72,6 +93,9 @@ class RolloutEngine:
         self.dtype = next(unwrap_peft(model).parameters()).dtype
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.requested_weights = generation_weights
+        self.return_hidden = return_hidden
+        if return_hidden:
+            fusable_head(model)
         self.weights = resolve_weights(generation_weights, model, self.device)
         forward = inspect.signature(unwrap_peft(model).forward).parameters
         # the KV cache argument: `past_key_values` in transformers 5.17, `cache` in 5.24
@@ -190,12 +214,16 @@ class RolloutEngine:
         return cache
 
     # 3. decode
-    def _forward_last(self, module, cache, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        """fp32 logits [B, V] of the last position, the KV cache filled in place."""
+    def _forward_last(self, module, cache, input_ids, attention_mask, position_ids):
+        """(fp32 logits [B, V] of the last position, its final hidden state [B, D] where
+        return_hidden, else None), the KV cache filled in place."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **{self._cache_arg: cache})
         with autocast(self.device, self.dtype):
-            out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-        return out.logits[:, -1].float()
+            if not self.return_hidden:
+                return module(**inputs, logits_to_keep=1).logits[:, -1].float(), None
+            hidden = decoder_of(module)(**inputs).last_hidden_state[:, -1]
+        return fp32_logits(hidden, lm_head_of(module)), hidden
 
     def _pick(self, logits, finished, lengths, noise, sampling):
         """Next tokens [B] (pad for rows that have ended), their log-probs [B] (0 there), which
@@ -209,8 +237,8 @@ class RolloutEngine:
 
     def _decode_step(self, module, cache, last_tokens, position_ids, attention_mask, finished, lengths, noise,
                      sampling):
-        logits = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
-        return self._pick(logits, finished, lengths, noise, sampling)
+        logits, hidden = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
+        return *self._pick(logits, finished, lengths, noise, sampling), hidden
 
     def _step_inputs(self, rows: int, cache_length: int, vocab: int) -> dict[str, torch.Tensor]:
         """The decode step's tensor inputs, rewritten in place every step. Where the step is
@@ -234,9 +262,10 @@ class RolloutEngine:
 
     def _generate(self, module, prompt_ids, prompt_mask, padded, cache_length, max_new_tokens, sampling, generator,
                   noise_rows: tuple[int, int] | None = None):
-        """(tokens [b, n] int64, log-probs [b, n] fp32, lengths [b], ended [b]) for one generation
-        batch of b rows, decoded as `padded` >= b rows; n <= max_new_tokens is the longest
-        response, pad / 0 after each row's end. noise_rows = (B, first): these rows are rows
+        """(tokens [b, n] int64, log-probs [b, n] fp32, lengths [b], ended [b], hidden [b, n, D] or
+        None) for one generation batch of b rows, decoded as `padded` >= b rows; n <= max_new_tokens
+        is the longest response, pad / 0 after each row's end (hidden: the state each token was
+        drawn from; after a row's end, whatever the step computed). noise_rows = (B, first): these rows are rows
         first.. of a batch of B whose noise is drawn whole each step, and decoding goes on until
         every rank's rows have ended."""
         rows, prompt_length = prompt_ids.shape
@@ -269,8 +298,10 @@ class RolloutEngine:
 
         tokens = torch.full((padded, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         logprobs = torch.zeros((padded, max_new_tokens), dtype=torch.float32, device=self.device)
-        logits = self._forward_last(module, cache, prompt_ids, x["attention_mask"], position_ids)
-        outputs = self._pick(logits, x["finished"], x["lengths"], noise(), sampling)
+        hidden = (torch.zeros((padded, max_new_tokens, lm_head_of(module).weight.shape[1]), dtype=self.dtype,
+                              device=self.device) if self.return_hidden else None)
+        logits, last_hidden = self._forward_last(module, cache, prompt_ids, x["attention_mask"], position_ids)
+        outputs = *self._pick(logits, x["finished"], x["lengths"], noise(), sampling), last_hidden
         step = self._compiled_step()
         for t in range(max_new_tokens):
             if t > 0:
@@ -280,9 +311,11 @@ class RolloutEngine:
                                x["finished"], x["lengths"], noise(), sampling)
                 x["position_ids"] += 1
             # copied out at once: a captured step's outputs are overwritten by its next replay
-            new_tokens, new_logprobs, new_finished, new_lengths = outputs
+            new_tokens, new_logprobs, new_finished, new_lengths, new_hidden = outputs
             tokens[:, t].copy_(new_tokens)
             logprobs[:, t].copy_(new_logprobs)
+            if hidden is not None:
+                hidden[:, t].copy_(new_hidden)
             x["last_tokens"].copy_(new_tokens[:, None])
             x["finished"].copy_(new_finished)
             x["lengths"].copy_(new_lengths)
@@ -291,7 +324,8 @@ class RolloutEngine:
                 break
         lengths = x["lengths"][:rows].clone()
         longest = int(lengths.max())
-        return tokens[:rows, :longest], logprobs[:rows, :longest], lengths, x["finished"][:rows].clone()
+        return (tokens[:rows, :longest], logprobs[:rows, :longest], lengths, x["finished"][:rows].clone(),
+                None if hidden is None else hidden[:rows, :longest])
 
     def _compiled_step(self):
         if self._step is None:
@@ -305,6 +339,8 @@ class RolloutEngine:
         logprobs = torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in pieces])
         lengths = torch.cat([p[2] for p in pieces])
         ended = torch.cat([p[3] for p in pieces])
+        hidden = (None if pieces[0][4] is None else
+                  torch.cat([F.pad(p[4], (0, 0, 0, width - p[4].shape[1])) for p in pieces]))
         rows, prompt_length = prompt_ids.shape
         in_response = (torch.arange(width, device=self.device) < lengths[:, None]).long()
         attention_mask = torch.cat([prompt_mask, in_response], dim=1)
@@ -312,7 +348,7 @@ class RolloutEngine:
         frame_logprobs = torch.zeros((rows, prompt_length + width - 1), dtype=torch.float32, device=self.device)
         frame_logprobs[:, prompt_length - 1:] = logprobs
         return Rollout(torch.cat([prompt_ids, tokens], dim=1), attention_mask, token_mask[:, 1:].clone(),
-                       prompt_length, ended, frame_logprobs)
+                       prompt_length, ended, frame_logprobs, hidden)
 
 
 @contextlib.contextmanager

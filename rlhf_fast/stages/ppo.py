@@ -38,6 +38,7 @@ from rlhf_fast.models.loading import load_trainable_lm
 from rlhf_fast.models.logprobs import response_nll
 from rlhf_fast.models.reward import HEAD_FILE, load_reward_models, read_reward_config
 from rlhf_fast.models.roles import VALUE_ADAPTER, VALUE_MODES, ActorCritic
+from rlhf_fast.models.trunk import unwrap_peft
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import Rollout, RolloutEngine, SamplingConfig, logprob_diff
 from rlhf_fast.seeding import run_generator, seed_everything
@@ -45,6 +46,18 @@ from rlhf_fast.training.config import TrainConfig
 from rlhf_fast.training.loop import run_steps, save_final
 from rlhf_fast.training import rundir
 from rlhf_fast.training.optim import OptimizerStep, build_optimizer
+
+
+OLD_LOGPROBS = ("auto", "rollout", "recompute")
+
+
+def resolve_old_logprobs(choice: str, dtype: torch.dtype) -> str:
+    """"rollout" | "recompute" for the weights' dtype: "auto" takes the rollout's in fp32 (about 2e-7
+    from a recompute on the CPU), recomputes in half precision (not measured yet; `rollout/logprob_diff`
+    shows it)."""
+    if choice == "auto":
+        return "rollout" if dtype == torch.float32 else "recompute"
+    return choice
 
 
 @dataclass
@@ -66,6 +79,14 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
                                            "values, reference log-probs; TRL: local_rollout_forward_batch_size); "
                                            "0 = micro_batch_size. Larger is faster, at more activation memory",
                                         min=0)
+    old_logprobs: str = option("auto", "where the old log-probs (and the values of a value head on the policy "
+                                       "trunk) come from: 'rollout' (the engine's own, from an fp32 head as the "
+                                       "trainer's, and the hidden states it drew from: one policy forward fewer "
+                                       "per iteration, as TRL does), 'recompute' (a policy forward over the "
+                                       "rollout, as verl and OpenRLHF do), 'auto' (rollout with fp32 weights, "
+                                       "where the two differ by rounding; recompute in bf16/fp16, where the "
+                                       "KV-cached decode's activations are rounded otherwise)",
+                               choices=OLD_LOGPROBS)
     ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
     max_new_tokens: int = option(32, "response budget per rollout", min=1)
     clip_low: float = option(0.2, "PPO ratio clip below 1", min=0.0, below=1.0)
@@ -232,8 +253,10 @@ class PPOTrainer:
             sharding.shard(self.actor.model)  # every adapter is on
             if self.actor.reference_model is not None and not config.offload_reference:
                 sharding.shard(self.actor.reference_model)  # full fine-tuning's frozen copy, gathered per layer
+        self.old_logprobs = resolve_old_logprobs(config.old_logprobs, next(unwrap_peft(model).parameters()).dtype)
         self.engine = RolloutEngine(self.actor.model, self.tokenizer, generation_weights=config.generation_weights,
-                                    generation_batch_size=config.generation_batch_size, max_length=config.max_length)
+                                    generation_batch_size=config.generation_batch_size, max_length=config.max_length,
+                                    return_hidden=self.old_logprobs == "rollout")
         self.records = records
         self.prompts = self._encode_prompts(records)
         self.ptx = self._ptx_examples()
@@ -325,19 +348,35 @@ class PPOTrainer:
         """Old log-probs and values of the policy, and the reference's log-probs, experience_batch_size
         rows at a time (no gradient, so the batch is bounded by activation memory alone: in bench.ppo_step's
         tiny shape on the 2-core CPU, 16 rows at once took 230 ms against 330 ms in 4-row batches, and
-        gave the same bits)."""
+        gave the same bits). With old_logprobs "rollout" (resolved), the policy's are the engine's, and a
+        value head on the policy trunk reads the hidden states the engine drew each token from: no policy
+        forward."""
         temperature = self.config.temperature
         old_logprobs, ref_logprobs, old_values = [], [], []
         for micro in self._row_slices(rollout.input_ids.shape[0],
                                       self.config.experience_batch_size or self.config.micro_batch_size):
             ids, mask, resp = rollout.input_ids[micro], rollout.attention_mask[micro], rollout.response_mask[micro]
-            head, values = self.actor(ids, mask, resp)
+            if self.old_logprobs == "rollout":
+                logprobs, values = rollout.logprobs[micro], self._rollout_values(rollout, micro)
+            else:
+                head, values = self.actor(ids, mask, resp)
+                logprobs = self.actor.logprobs(head, temperature=temperature)[0]
             ref_logprobs.append(self.actor.reference_logprobs(ids, mask, resp, temperature=temperature))
-            old_logprobs.append(self.actor.logprobs(head, temperature=temperature)[0])
+            old_logprobs.append(logprobs)
             if values is not None:
                 old_values.append(values * resp)
         return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
                           torch.cat(old_values) if old_values else None)
+
+    def _rollout_values(self, rollout: Rollout, rows: slice) -> torch.Tensor | None:
+        """V(s_t) [b, L-1] of these rows from the states the engine drew each response token from
+        (the policy trunk's final hidden states), placed on the target frame; None without a critic.
+        The "adapter" value mode runs its own trunk (ActorCritic.values)."""
+        ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
+        response = rollout.response_hidden[rows]
+        hidden = response.new_zeros((ids.shape[0], ids.shape[1], response.shape[-1]))
+        hidden[:, rollout.prompt_length - 1:-1] = response
+        return self.actor.values(hidden, ids, mask)
 
     def gather(self, exp: Experience, raw: dict) -> tuple[Experience, dict]:
         """The whole batch's experience and raw scores from every rank's share (identity in one process)."""
@@ -457,7 +496,8 @@ class PPOTrainer:
                 **per_model,
                 "ppo/kl": kl_per_seq.mean().item(), "ppo/kl_coef": beta,
                 "ppo/response_length": rollout.response_lengths.float().mean().item(),
-                "rollout/logprob_diff": logprob_diff(rollout.logprobs, exp.old_logprobs, rollout.response_mask),
+                **({} if self.old_logprobs == "rollout" else  # the same tensor there
+                   {"rollout/logprob_diff": logprob_diff(rollout.logprobs, exp.old_logprobs, rollout.response_mask)}),
                 "perf/tokens": rollout.response_lengths.sum().item(), **stats}
 
     def modules(self) -> dict:
