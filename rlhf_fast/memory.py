@@ -48,7 +48,8 @@ def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int =
     """Estimated bytes per line item for a training run on `model` (+ heads).
 
     generation_batch: rows of the rollout engine's KV cache (`RolloutEngine.kv_cache_rows`), held
-    at seq_len slots; generation_weights_bytes: its merged copy (`RolloutEngine.copy_bytes`).
+    at seq_len slots; generation_weights_bytes: its copy of the weights (`RolloutEngine.copy_bytes`: the
+    merged copy of the LoRA-adapted layers, or a sharded policy's gathered copy).
     """
     params = list(model.parameters()) + [p for m in extra_modules for p in m.parameters()]
     trainable = [p for p in params if p.requires_grad]
@@ -61,7 +62,7 @@ def memory_ledger(model: nn.Module, extra_modules=(), *, generation_batch: int =
         "gradients": _bytes(trainable),
         "optimizer state": sum(p.numel() * 4 * optimizer_states for p in trainable),
         "KV cache (generation)": kv_cache_bytes(config, generation_batch, seq_len, dtype_bytes),
-        "generation weights (merged copy)": generation_weights_bytes,
+        "generation weights (copy)": generation_weights_bytes,
         "activations (estimate)": activation_bytes(config, micro_batch, seq_len, dtype_bytes,
                                                    checkpointed=gradient_checkpointing(model)),
     }

@@ -126,6 +126,65 @@ def test_sft_sharded_with_fsdp_on_two_ranks_equals_one_process(tiny_model_dir, s
     assert_same_tensors(trained, load_file(two / "model" / "model.safetensors"))
 
 
+GATHERED_ROLLOUT = """
+import sys, torch
+from rlhf_fast import distributed
+from rlhf_fast.models import sharding
+from rlhf_fast.models.adapters import add_lora
+from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.rollout import RolloutEngine
+
+model_dir, out, weights, lora = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "lora"
+world = distributed.init("cpu")
+tokenizer = load_tokenizer(model_dir, padding_side="left")
+model = load_causal_lm(model_dir, device="cpu", dtype="fp32")
+if lora:
+    model = add_lora(model, "policy", r=4, alpha=8)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+sharding.shard(model)
+engine = RolloutEngine(model, tokenizer, generation_weights=weights, return_hidden=True)
+prompts = [[7, 8, 9], [10, 11, 12, 13, 14], [15, 16], [17, 18, 19, 20]]
+rows = distributed.share(8, world) if world.size > 1 else None
+results = {}
+for call in range(2):  # the second call refreshes the copy it built in the first
+    torch.manual_seed(call)
+    rollout = engine.sample(prompts, max_new_tokens=6, temperature=0.9, num_samples=2, rows=rows)
+    results[call] = {"tokens": distributed.gather_rows(rollout.input_ids, tokenizer.pad_token_id),
+                     "logprobs": distributed.gather_rows(rollout.logprobs),
+                     "hidden": distributed.gather_rows(rollout.response_hidden)}
+results["weights"], results["copy_bytes"] = engine.weights, engine.copy_bytes
+if world.main:
+    torch.save(results, out)
+distributed.close()
+"""
+
+
+@pytest.mark.parametrize("weights,adapter", [("merged_copy", "lora"), ("auto", "none"), ("lora", "lora")])
+def test_a_sharded_policy_samples_as_one_process_from_a_gathered_copy_or_its_shards(tiny_model_dir, tmp_path,
+                                                                                  weights, adapter):
+    """FSDP2 ranks decode their shares from a gathered copy (the whole weights, the adapter merged as
+    one process merges it; refreshed every call) or through the sharded module ("lora"): the same
+    tokens, log-probs and hidden states as one process sampling the whole batch."""
+    script = tmp_path / "gathered_rollout.py"
+    script.write_text(GATHERED_ROLLOUT)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(one), weights, adapter], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun([str(tiny_model_dir), str(two), weights, adapter], script=str(script))
+    single, sharded = torch.load(one), torch.load(two)
+    assert sharded["weights"] == ("sharded" if weights == "lora" else "gathered")
+    assert sharded["copy_bytes"] == (0 if weights == "lora" else
+                                     sum(p.numel() * 4 for p in load_file(tiny_model_dir / "model.safetensors").values()))
+    for call in range(2):
+        assert torch.equal(sharded[call]["tokens"], single[call]["tokens"])
+        assert torch.allclose(sharded[call]["logprobs"], single[call]["logprobs"], atol=1e-5)
+        assert torch.allclose(sharded[call]["hidden"], single[call]["hidden"], atol=1e-5)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

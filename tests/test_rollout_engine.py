@@ -353,7 +353,7 @@ def test_ledger_counts_the_kv_cache_and_the_merged_copy(tiny_model_dir):
     ledger = memory_ledger(policy, generation_batch=rows, seq_len=length,
                            generation_weights_bytes=rollout_engine.copy_bytes)
     assert ledger["KV cache (generation)"] == allocated
-    assert ledger["generation weights (merged copy)"] == rollout_engine.copy_bytes
+    assert ledger["generation weights (copy)"] == rollout_engine.copy_bytes
     assert engine(policy, tokenizer, "lora").copy_bytes == 0
 
 

@@ -27,6 +27,7 @@ from rlhf_fast.device import autocast, module_device
 from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import decoder_of, fusable_head, lm_head_of, unwrap_peft
 from rlhf_fast.rollout.frame import Rollout
+from rlhf_fast.rollout.gathered import GatheredCopy, gathered_copy_bytes, resolve_sharded_weights
 from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, choose_tokens
 from rlhf_fast.rollout.weights import GenerationView, merged_copy_bytes, resolve_weights
 
@@ -93,15 +94,16 @@ class RolloutEngine:
         self.dtype = next(unwrap_peft(model).parameters()).dtype
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.requested_weights = generation_weights
+        self.weights = (resolve_sharded_weights(generation_weights, model, self.device) if is_sharded(model) else
+                        resolve_weights(generation_weights, model, self.device))
         self.return_hidden = return_hidden
         if return_hidden:
             fusable_head(model)
-        self.weights = resolve_weights(generation_weights, model, self.device)
         forward = inspect.signature(unwrap_peft(model).forward).parameters
         # the KV cache argument: `past_key_values` in transformers 5.17, `cache` in 5.24
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self._model = weakref.ref(model)
-        self._view: GenerationView | None = None
+        self._view: GenerationView | GatheredCopy | None = None
         self._step = None
         self._cache, self._cache_shape = None, None
         self._inputs, self._inputs_key = None, None
@@ -109,9 +111,12 @@ class RolloutEngine:
 
     @property
     def copy_bytes(self) -> int:
-        """Bytes the merged copy holds (0 unless generation weights are "merged_copy")."""
+        """Bytes the generation copy holds: the merged copy of the adapted layers, or a sharded
+        policy's gathered copy (0 when the engine decodes from the policy's own weights)."""
         model = self._model()
-        return merged_copy_bytes(model) if self.weights == "merged_copy" and model is not None else 0
+        if model is None or self.weights not in ("merged_copy", "gathered"):
+            return 0
+        return merged_copy_bytes(model) if self.weights == "merged_copy" else gathered_copy_bytes(model)
 
     def kv_cache_rows(self, rows: int) -> int:
         """Rows of the KV cache (and of each decode step) for a call with `rows` rows: the
@@ -181,10 +186,17 @@ class RolloutEngine:
         if model is None:
             raise RuntimeError("rollout engine: its model no longer exists")
         if is_sharded(model):
-            # FSDP2: decode through the sharded model itself, each layer's weights all-gathered for
-            # every decoding step (its hooks do it), so not captured in a CUDA graph
-            self.weights, self.compile = "sharded", False
-            return model
+            self.weights = resolve_sharded_weights(self.requested_weights, model, self.device)
+            if self.weights == "sharded":
+                # through the FSDP2 module itself: each layer's weights all-gathered at every decode
+                # step (its hooks do it), so not captured in a CUDA graph
+                self.compile = False
+                return model
+            if not isinstance(self._view, GatheredCopy) or not self._view.matches(model):
+                self._view = GatheredCopy(model)
+                self._step, self._cache, self._cache_shape, self._inputs, self._inputs_key = (None,) * 5
+            self._view.refresh()
+            return self._view.module
         if self._view is None or not self._view.matches(model):
             self.weights = resolve_weights(self.requested_weights, model, self.device)
             self._view = GenerationView(model, "merged_copy" if self.weights == "merged_copy" else "lora")

@@ -22,9 +22,10 @@ class SamplingConfig:
     top_p: float = option(1.0, "nucleus sampling threshold")
     top_k: int = option(0, "sample among the k most likely tokens only (0 = off)")
     generation_weights: str = option(
-        "auto", "rollout weights: 'merged_copy' (a second copy of the adapted layers, LoRA merged: fastest), "
-                "'lora' (low-rank path on the shared base: no extra memory), 'auto' (merged_copy if it needs "
-                "at most 1/8 of the device's memory)", choices=GENERATION_WEIGHTS)
+        "auto", "rollout weights: 'merged_copy' (a second copy of the adapted layers, LoRA merged: fastest; "
+                "with fsdp a whole copy per rank, gathered once per rollout), 'lora' (low-rank path on the shared "
+                "base: no extra memory; with fsdp decoding through the sharded weights), 'auto' (the copy if it "
+                "needs at most 1/8 of the device's memory)", choices=GENERATION_WEIGHTS)
     generation_batch_size: int = option(0, "rows per generation batch, apart from the training micro-batch "
                                            "(0 = all rows of a call in one batch)", min=0)
 

@@ -285,14 +285,19 @@ class GenerationView:
             if isinstance(stand_in, LowRankLinear):
                 stand_in.set_terms(terms)
                 continue
-            base_weight, out = layer.get_base_layer().weight, stand_in.weight
-            if not terms:
-                out.copy_(base_weight)
-                continue
-            rows = max(1, REFRESH_CHUNK_ELEMENTS // base_weight.shape[1])
-            for first in range(0, base_weight.shape[0], rows):
-                block = slice(first, first + rows)
-                merged = base_weight[block].to(torch.float32, copy=True)  # never .float(): a no-op on fp32
-                for a, b, scaling in terms:
-                    merged.addmm_(b[block].float(), a.float(), alpha=scaling)
-                out[block].copy_(merged)
+            merge_into(stand_in.weight, layer.get_base_layer().weight, terms)
+
+
+def merge_into(out: torch.Tensor, base_weight: torch.Tensor, terms) -> None:
+    """out = base_weight + sum s B A, summed in fp32 and rounded once to out's dtype, at most
+    REFRESH_CHUNK_ELEMENTS of fp32 scratch at a time; `terms` as `active_terms` gives them."""
+    if not terms:
+        out.copy_(base_weight)
+        return
+    rows = max(1, REFRESH_CHUNK_ELEMENTS // base_weight.shape[1])
+    for first in range(0, base_weight.shape[0], rows):
+        block = slice(first, first + rows)
+        merged = base_weight[block].to(torch.float32, copy=True)  # never .float(): a no-op on fp32
+        for a, b, scaling in terms:
+            merged.addmm_(b[block].float(), a.float(), alpha=scaling)
+        out[block].copy_(merged)
