@@ -45,9 +45,12 @@ processes alive, one running at a time), so that a shared machine's background l
 
     .venv/bin/python -m bench.ppo_step [--shape tiny|llama-3.2-1b|llama-3.1-8b] [--iterations N]
                                        [--warmup N] [--device cuda|cpu] [--providers LIST]
-                                       [--sequential] [--results-dir DIR]
+                                       [--sequential] [--generation-weights auto|merged_copy|lora]
+                                       [--gradient-checkpointing] [--results-dir DIR]
 
-Default: tiny on the CPU (5 steady iterations), llama-3.2-1b on CUDA (3), 1 warm-up iteration.
+Default: tiny on the CPU (5 steady iterations), llama-3.2-1b on CUDA (3), 1 warm-up iteration. Issue
+12's 8B target is a 24 GB card's: `--shape llama-3.1-8b --generation-weights lora --gradient-checkpointing`
+(on an H200 `auto` would take the 13 GiB merged copy, which a 24 GB card's `auto` does not).
 --results-dir writes the JSON there and leaves bench/results and the README tables alone (smoke runs);
 otherwise bench/results/ppo_step-<device>.json and the tables are written (bench.common.write_results)
 after each provider (or each turn), "complete": false until the last one finishes; an interrupted run
@@ -259,6 +262,7 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprob
         micro_batch_size=shape.micro_batch, ppo_epochs=1, max_new_tokens=shape.new_tokens,
         max_length=shape.prompt_tokens + shape.new_tokens, temperature=TEMPERATURE, kl_coef=KL_COEF,
         learning_rate=LEARNING_RATE, gradient_checkpointing=spec.get("gradient_checkpointing", False),
+        generation_weights=spec.get("generation_weights", "auto"),
         old_logprobs=old_logprobs)
     trainer = PPOTrainer(config)
     parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports)
@@ -705,6 +709,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sequential", action="store_true",
                         help="on the CPU too, run the providers one after the other (default there: they take "
                              "turns iteration by iteration; on CUDA they always run one after the other)")
+    parser.add_argument("--generation-weights", choices=("auto", "merged_copy", "lora"), default="auto",
+                        help="rlhf_fast's rollout weights (default auto: the merged copy where it needs at most 1/8 "
+                             "of the device's memory, so 13 GiB at 8B on an H200; 'lora' for the 24 GB-card "
+                             "setup of issue 12's 8B target)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="rlhf_fast's providers recompute each decoder layer in the backward (issue 12's lever "
                              "for the 8B peak); TRL's run as they are")
@@ -732,6 +740,8 @@ def main(argv=None) -> int:
     dtype_name, torch_dtype = ("bf16", torch.bfloat16) if cuda else ("fp32", torch.float32)
     attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
     label, total = shape_label(shape, dtype_name), args.warmup + iterations
+    if args.generation_weights != "auto":
+        label += f" generation_weights {args.generation_weights} (rlhf_fast)"
     if args.gradient_checkpointing:
         label += " gradient checkpointing (rlhf_fast)"
     try:
@@ -767,7 +777,8 @@ def main(argv=None) -> int:
                                              "torch_dtype": str(torch_dtype).removeprefix("torch."), "attn": attn,
                                              "iterations": iterations, "warmup": args.warmup, "paths": paths,
                                              "workdir": str(workdir),
-                                             "gradient_checkpointing": args.gradient_checkpointing}))
+                                             "gradient_checkpointing": args.gradient_checkpointing,
+                                             "generation_weights": args.generation_weights}))
             # after each turn: a run stopped at a time limit keeps what it measured ("complete": false)
             drive([p for p in providers if p.key not in skipped], total, interleave,
                   lambda: save(rows_now(), args.device, meta, args.results_dir))
