@@ -368,11 +368,12 @@ def test_auto_takes_the_merged_copy_only_where_it_is_a_small_share_of_memory(tin
     assert engine(fp32_model(tiny_model_dir), tokenizer).weights == "none"
 
 
-@pytest.mark.parametrize("weights", LORA_WEIGHTS)
-def test_captured_step_path_traces_once_as_one_graph(tiny_model_dir, monkeypatch, weights):
+@pytest.mark.parametrize("weights,return_hidden", [("merged_copy", False), ("lora", False), ("merged_copy", True)])
+def test_captured_step_path_traces_once_as_one_graph(tiny_model_dir, monkeypatch, weights, return_hidden):
     """The CUDA path's logic (padded rows, bucketed cache, static step inputs, one compiled step
     reused across calls) on the CPU: dynamo (fullgraph=True) must trace the decode step without a
-    break, once for every step of every call with the same shapes (sampling adds one graph)."""
+    break, once for every step of every call with the same shapes (sampling adds one graph); with
+    return_hidden too (the decoder and the fp32 head called in the step)."""
     graphs = []
 
     def count_graphs(graph_module, example_inputs):
@@ -388,7 +389,8 @@ def test_captured_step_path_traces_once_as_one_graph(tiny_model_dir, monkeypatch
     model = with_lora(fp32_model(tiny_model_dir))
     prompts = random_prompts(tokenizer, [4, 9, 2], seed=11)
     eos = mid_response_eos(model, tokenizer, prompts, 10)
-    captured = RolloutEngine(model, tokenizer, generation_weights=weights, eos_token_ids=[eos], compile=True)
+    captured = RolloutEngine(model, tokenizer, generation_weights=weights, eos_token_ids=[eos], compile=True,
+                             return_hidden=return_hidden)
     for _ in range(2):
         rollout = captured.sample(prompts, max_new_tokens=10, do_sample=False)
         assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 10, [eos]))
