@@ -275,12 +275,13 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprob
         marks.append(clock())
         experience = trainer.make_experience(rollout, scores)
         marks.append(clock())
-        diff = logprob_diff(rollout.logprobs, experience.old_logprobs, rollout.response_mask)
         trainer.compute_advantages(experience)
         marks.append(clock())
         trainer.actor.train()  # as step() does before its PPO epochs
         trainer.train_minibatches(experience)
         marks.append(clock())
+        # outside the timed phases; 0 by construction where the old log-probs are the rollout's
+        diff = logprob_diff(rollout.logprobs, experience.old_logprobs, rollout.response_mask)
         lengths = rollout.response_lengths
         parent.report(event="iteration", ms=(marks[-1] - marks[0]) * 1e3,
                       phases_ms={phase: (b - a) * 1e3 for phase, a, b in zip(PHASES, marks, marks[1:])},
@@ -610,10 +611,10 @@ def provider_rows(label: str, provider: str, result: dict, warmup: int, total: i
         row["mean_response_length_trl_view"] = sum(it["trl_response_tokens"] for it in steady) / rows_sampled
     if "ended_with_eos" in steady[0]:
         row["responses_ended_with_eos"] = sum(it["ended_with_eos"] for it in steady)
-    if "logprob_diff" in steady[0]:  # rlhf_fast's: engine vs trainer log-probs, and where old ones came from
+    if "old_logprobs" in steady[0]:  # rlhf_fast's: where the old log-probs came from
         row["old_logprobs"] = steady[0]["old_logprobs"]
-        row["logprob_diff"] = max(it["logprob_diff"] for it in steady)
-        if row["old_logprobs"] == "recompute":
+        if row["old_logprobs"] == "recompute":  # mean |engine - trainer| per iteration, then over iterations
+            row["logprob_diff"] = statistics.mean(it["logprob_diff"] for it in steady)
             row["rate"] += f"; logprob_diff {row['logprob_diff']:.1e}"
     if "version" in result:
         row["version"] = result["version"]

@@ -116,7 +116,9 @@ run_step pytest 150 "$py" -m pytest -q -p no:cacheprovider --durations=10 --juni
 # 2. the benches at their GPU shapes, the ones DESIGN.md's targets read first; token_logprobs at the
 #    target shape, with and without entropy (writes its results after every mode)
 # the end-to-end PPO bench first: it holds issue 12's targets; 2 steady iterations + 1 warm-up fit ~150 s
-# for the PPO providers (the default, which recomputes old log-probs in bf16; the rollout's; TRL's)
+# for the PPO providers (the default, which recomputes old log-probs in bf16; the rollout's; TRL's); the
+# GRPO rows (rlhf_fast's and TRL's GRPOTrainer) are left "not run" here: `python -m bench.ppo_step
+# --providers "rlhf_fast grpo,trl GRPOTrainer"` measures them when the budget allows
 if [ -f bench/ppo_step.py ]; then
   run_step bench.ppo_step 150 "$py" -m bench.ppo_step --iterations 2 --warmup 1 \
     --providers "rlhf_fast ppo,rlhf_fast ppo (old_logprobs rollout),trl PPOTrainer"

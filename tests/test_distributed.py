@@ -127,10 +127,10 @@ def test_sft_sharded_with_fsdp_on_two_ranks_equals_one_process(tiny_model_dir, s
 
 
 GATHERED_ROLLOUT = """
-import sys, torch
+import contextlib, sys, torch
 from rlhf_fast import distributed
 from rlhf_fast.models import sharding
-from rlhf_fast.models.adapters import add_lora
+from rlhf_fast.models.adapters import add_lora, adapters_disabled
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import RolloutEngine
 
@@ -150,9 +150,14 @@ engine = RolloutEngine(model, tokenizer, generation_weights=weights, return_hidd
 prompts = [[7, 8, 9], [10, 11, 12, 13, 14], [15, 16], [17, 18, 19, 20]]
 rows = distributed.share(8, world) if world.size > 1 else None
 results = {}
-for call in range(2):  # the second call refreshes the copy it built in the first
+for call in range(3):
+    if call == 1:  # the copy made in call 0 must be refreshed: every weight moves (shards in place)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.97)
     torch.manual_seed(call)
-    rollout = engine.sample(prompts, max_new_tokens=6, temperature=0.9, num_samples=2, rows=rows)
+    with adapters_disabled(model) if call == 2 and lora else contextlib.nullcontext():
+        rollout = engine.sample(prompts, max_new_tokens=6, temperature=0.9, num_samples=2, rows=rows)
     results[call] = {"tokens": distributed.gather_rows(rollout.input_ids, tokenizer.pad_token_id),
                      "logprobs": distributed.gather_rows(rollout.logprobs),
                      "hidden": distributed.gather_rows(rollout.response_hidden)}
@@ -167,8 +172,9 @@ distributed.close()
 def test_a_sharded_policy_samples_as_one_process_from_a_gathered_copy_or_its_shards(tiny_model_dir, tmp_path,
                                                                                   weights, adapter):
     """FSDP2 ranks decode their shares from a gathered copy (the whole weights, the adapter merged as
-    one process merges it; refreshed every call) or through the sharded module ("lora"): the same
-    tokens, log-probs and hidden states as one process sampling the whole batch."""
+    one process merges it; refreshed every call: after every weight moved, and with the adapters
+    disabled) or through the sharded module ("lora"): the same tokens, log-probs and hidden states
+    as one process sampling the whole batch."""
     script = tmp_path / "gathered_rollout.py"
     script.write_text(GATHERED_ROLLOUT)
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
@@ -177,9 +183,9 @@ def test_a_sharded_policy_samples_as_one_process_from_a_gathered_copy_or_its_sha
     torchrun([str(tiny_model_dir), str(two), weights, adapter], script=str(script))
     single, sharded = torch.load(one), torch.load(two)
     assert sharded["weights"] == ("sharded" if weights == "lora" else "gathered")
-    assert sharded["copy_bytes"] == (0 if weights == "lora" else
-                                     sum(p.numel() * 4 for p in load_file(tiny_model_dir / "model.safetensors").values()))
-    for call in range(2):
+    whole_model = sum(p.numel() * 4 for p in load_file(tiny_model_dir / "model.safetensors").values())
+    assert sharded["copy_bytes"] == (0 if weights == "lora" else whole_model)
+    for call in range(3):
         assert torch.equal(sharded[call]["tokens"], single[call]["tokens"])
         assert torch.allclose(sharded[call]["logprobs"], single[call]["logprobs"], atol=1e-5)
         assert torch.allclose(sharded[call]["hidden"], single[call]["hidden"], atol=1e-5)

@@ -368,7 +368,8 @@ def test_auto_takes_the_merged_copy_only_where_it_is_a_small_share_of_memory(tin
     assert engine(fp32_model(tiny_model_dir), tokenizer).weights == "none"
 
 
-@pytest.mark.parametrize("weights,return_hidden", [("merged_copy", False), ("lora", False), ("merged_copy", True)])
+@pytest.mark.parametrize("weights,return_hidden", [("merged_copy", False), ("lora", False), ("merged_copy", True),
+                                                   ("lora", True)])
 def test_captured_step_path_traces_once_as_one_graph(tiny_model_dir, monkeypatch, weights, return_hidden):
     """The CUDA path's logic (padded rows, bucketed cache, static step inputs, one compiled step
     reused across calls) on the CPU: dynamo (fullgraph=True) must trace the decode step without a

@@ -194,13 +194,12 @@ output_dir: {out}
 sft: {{data: {sft_data}, max_steps: 2, batch_size: 4, micro_batch_size: 4, max_length: 32}}
 rm: {{data: {prefs}, max_steps: 2, batch_size: 4, micro_batch_size: 4, max_length: 32, lora_r: 4}}
 ppo: {{prompts: {prompts}, iterations: 2, batch_size: 4, mini_batch_size: 2, micro_batch_size: 2,
-      max_new_tokens: 4, max_length: 32, lora_r: 4, save_every: 1}}
+      max_new_tokens: 4, max_length: 32, lora_r: 4, save_every: 1, old_logprobs: recompute}}
 """)
     assert main(["pipeline", "--config", str(config)]) == 0
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    # the SFT policy itself: old log-probs are the rollout's (old_logprobs auto, fp32), the reference's a
-    # full forward's, equal up to rounding (bit for bit through the policy's forward: test_new_adapter_starts_at_kl_zero)
-    assert abs(rows[0]["ppo/kl"]) < 1e-5, "PPO's first rollout comes from the SFT policy itself"
+    # old log-probs recomputed through the policy's forward: exactly the reference's (TRL #1340's trap)
+    assert rows[0]["ppo/kl"] == 0.0, "PPO's first rollout comes from the SFT policy itself"
     for key in ("reward/score_mean", "ppo/clipfrac", "ppo/approx_kl", "value/explained_variance",
                 "ppo/entropy", "perf/tokens_per_s", "mem/peak_gb"):
         assert key in rows[-1]

@@ -81,11 +81,11 @@ class ActorCritic(nn.Module):
         inputs = HeadInputs(hidden[:, :-1], head.weight, head.bias, next_token_targets(input_ids, response_mask))
         return inputs, self.values(hidden, input_ids, attention_mask)
 
-    def values(self, hidden: torch.Tensor, input_ids, attention_mask) -> torch.Tensor | None:
+    def values(self, hidden: torch.Tensor | None, input_ids, attention_mask) -> torch.Tensor | None:
         """V(s_t) for the [B, L-1] target frame: the state before token t + 1 (None without a critic).
 
         `hidden` is the policy trunk's output for (input_ids, attention_mask); the "adapter"
-        mode runs the trunk again with the value adapter instead.
+        mode runs the trunk again with the value adapter instead (and needs no `hidden`).
         """
         if self.value_head is None:
             return None

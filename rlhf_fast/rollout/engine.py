@@ -49,11 +49,11 @@ def fp32_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
     rounds each logit to 8 bits of mantissa (about 0.03 at a logit of 10), which would move every
     log-prob by that much."""
     weight = head.weight
-    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+    if weight.dtype == hidden.dtype == torch.float32:
         logits = F.linear(hidden, weight)
-    elif hidden.is_cuda:  # cuBLAS: half-precision inputs, fp32 accumulation and output
+    elif hidden.is_cuda and weight.dtype == hidden.dtype:  # cuBLAS: half-precision in, fp32 sums and out
         logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    else:
+    else:  # the CPU, or mixed dtypes: fp32 copies, fp32 sums
         logits = F.linear(hidden.float(), weight.float())
     return logits if head.bias is None else logits + head.bias.float()
 
@@ -64,22 +64,25 @@ class RolloutEngine:
 
     model: a transformers *ForCausalLM or a PeftModel wrapping one; the engine holds it weakly
     and samples from whatever adapters are active (or disabled) at each call.
-    generation_weights: "merged_copy" | "lora" | "auto" (see weights.py and SamplingConfig);
-    a model without LoRA layers is read directly whatever the choice ("none").
+    generation_weights: "merged_copy" | "lora" | "auto" (see weights.py and SamplingConfig); an
+    unsharded model without LoRA layers is read directly whatever the choice ("none"); a sharded
+    (FSDP2) one decodes from a gathered copy or through its shards (gathered.py).
     generation_batch_size: rows decoded together (0 = all rows of a call).
     max_length: a fixed KV-cache length (prompt + max_new_tokens must fit), so that CUDA captures
     the decode step once per run; 0 = sized per call.
     eos_token_ids: the ids that end a response (default: the tokenizer's EOS).
     compile: capture the decode step (torch.compile, mode "reduce-overhead"); default: on CUDA.
+    fp32_head: the logits come from the model's decoder and an fp32 head (`fp32_logits`), as the
+    trainer's fused head computes them, so that the rollout's log-probs can stand in for the
+    trainer's (PPO's old_logprobs "rollout"). Needs an LM head that is a plain linear layer
+    (`fusable_head`).
     return_hidden: every Rollout carries `response_hidden`, the trunk's final hidden state before
-    each response token (what a value head on the policy trunk reads), and the logits come from
-    the model's decoder and an fp32 head (`fp32_logits`), as the trainer's fused head computes
-    them, so that the rollout's log-probs can stand in for the trainer's (PPO's
-    old_logprobs "rollout"). Needs an LM head that is a plain linear layer (`fusable_head`).
+    each response token (what a value head on the policy trunk reads); implies fp32_head.
     """
 
     def __init__(self, model, tokenizer, *, generation_weights: str = "auto", generation_batch_size: int = 0,
-                 max_length: int = 0, eos_token_ids=None, compile: bool | None = None, return_hidden: bool = False):
+                 max_length: int = 0, eos_token_ids=None, compile: bool | None = None, fp32_head: bool = False,
+                 return_hidden: bool = False):
         if generation_batch_size < 0:
             raise ValueError(f"generation_batch_size must be >= 0 (0 = one batch), got {generation_batch_size}")
         if max_length < 0:
@@ -94,10 +97,9 @@ class RolloutEngine:
         self.dtype = next(unwrap_peft(model).parameters()).dtype
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.requested_weights = generation_weights
-        self.weights = (resolve_sharded_weights(generation_weights, model, self.device) if is_sharded(model) else
-                        resolve_weights(generation_weights, model, self.device))
-        self.return_hidden = return_hidden
-        if return_hidden:
+        self._set_weights(model)
+        self.fp32_head, self.return_hidden = fp32_head or return_hidden, return_hidden
+        if self.fp32_head:
             fusable_head(model)
         forward = inspect.signature(unwrap_peft(model).forward).parameters
         # the KV cache argument: `past_key_values` in transformers 5.17, `cache` in 5.24
@@ -185,24 +187,30 @@ class RolloutEngine:
         model = self._model()
         if model is None:
             raise RuntimeError("rollout engine: its model no longer exists")
-        if is_sharded(model):
-            self.weights = resolve_sharded_weights(self.requested_weights, model, self.device)
-            if self.weights == "sharded":
-                # through the FSDP2 module itself: each layer's weights all-gathered at every decode
-                # step (its hooks do it), so not captured in a CUDA graph
-                self.compile = False
-                return model
-            if not isinstance(self._view, GatheredCopy) or not self._view.matches(model):
-                self._view = GatheredCopy(model)
-                self._step, self._cache, self._cache_shape, self._inputs, self._inputs_key = (None,) * 5
-            self._view.refresh()
-            return self._view.module
-        if self._view is None or not self._view.matches(model):
-            self.weights = resolve_weights(self.requested_weights, model, self.device)
-            self._view = GenerationView(model, "merged_copy" if self.weights == "merged_copy" else "lora")
+        if (self.weights in ("gathered", "sharded")) != is_sharded(model):  # sharded since the engine was made
+            self._set_weights(model)
+        if self.weights == "sharded":
+            return model  # through the FSDP2 module itself: its hooks gather each layer at every step
+        view_class = GatheredCopy if self.weights == "gathered" else GenerationView
+        if not isinstance(self._view, view_class) or not self._view.matches(model):
+            if view_class is GenerationView:  # other adapters: the merged copy's size changed
+                self._set_weights(model)
+            self._view = (GatheredCopy(model) if self.weights == "gathered" else
+                          GenerationView(model, "merged_copy" if self.weights == "merged_copy" else "lora"))
             self._step, self._cache, self._cache_shape, self._inputs, self._inputs_key = (None,) * 5
         self._view.refresh()
         return self._view.module
+
+    def _set_weights(self, model) -> None:
+        """self.weights for `model` as it is now (weights.resolve_weights; for a sharded model
+        gathered.resolve_sharded_weights, a collective). Decoding through the shards is never
+        captured: each step runs FSDP2's all-gathers."""
+        if not is_sharded(model):
+            self.weights = resolve_weights(self.requested_weights, model, self.device)
+            return
+        self.weights = resolve_sharded_weights(self.requested_weights, model, self.device)
+        if self.weights == "sharded":
+            self.compile = False
 
     # 2. shapes
     def _cache_length(self, prompt_length: int, max_new_tokens: int) -> int:
@@ -227,12 +235,12 @@ class RolloutEngine:
 
     # 3. decode
     def _forward_last(self, module, cache, input_ids, attention_mask, position_ids):
-        """(fp32 logits [B, V] of the last position, its final hidden state [B, D] where
-        return_hidden, else None), the KV cache filled in place."""
+        """(fp32 logits [B, V] of the last position, its final hidden state [B, D] where fp32_head,
+        else None), the KV cache filled in place."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                       **{self._cache_arg: cache})
         with autocast(self.device, self.dtype):
-            if not self.return_hidden:
+            if not self.fp32_head:
                 return module(**inputs, logits_to_keep=1).logits[:, -1].float(), None
             hidden = decoder_of(module)(**inputs).last_hidden_state[:, -1]
         return fp32_logits(hidden, lm_head_of(module)), hidden
@@ -250,7 +258,7 @@ class RolloutEngine:
     def _decode_step(self, module, cache, last_tokens, position_ids, attention_mask, finished, lengths, noise,
                      sampling):
         logits, hidden = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
-        return *self._pick(logits, finished, lengths, noise, sampling), hidden
+        return *self._pick(logits, finished, lengths, noise, sampling), hidden if self.return_hidden else None
 
     def _step_inputs(self, rows: int, cache_length: int, vocab: int) -> dict[str, torch.Tensor]:
         """The decode step's tensor inputs, rewritten in place every step. Where the step is

@@ -21,7 +21,8 @@ class Rollout:
     logprobs: torch.Tensor | None = None  # [B, L-1] fp32: the engine's log-probs of the sampled tokens
                                           # (log_softmax(logits / T) over the full vocabulary), 0 off the response
     response_hidden: torch.Tensor | None = None  # [B, L-P, D]: the trunk's final hidden state before each
-                                                 # response token (RolloutEngine's return_hidden); meaningful on response tokens only
+                                                 # response token (RolloutEngine's return_hidden);
+                                                 # meaningful on response tokens only
 
     @property
     def response_lengths(self) -> torch.Tensor:

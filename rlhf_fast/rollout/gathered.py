@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_fast.device import module_device
 from rlhf_fast.models.trunk import unwrap_peft
-from rlhf_fast.rollout.sampling import GENERATION_WEIGHTS
-from rlhf_fast.rollout.weights import AUTO_COPY_SHARE, active_terms, device_memory_bytes, lora_layers, merge_into
+from rlhf_fast import distributed
+from rlhf_fast.rollout.weights import (AUTO_COPY_SHARE, active_terms, check_choice, device_memory_bytes, lora_layers,
+                                       merge_into)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -39,11 +40,12 @@ def gathered_copy_bytes(model: nn.Module) -> int:
 def resolve_sharded_weights(choice: str, model: nn.Module, device: torch.device) -> str:
     """How a sharded policy is decoded: "gathered" (a GatheredCopy; what "merged_copy" means for a
     sharded model) or "sharded" (through the FSDP2 module: "lora", no extra memory); "auto" takes
-    the gathered copy when it needs at most AUTO_COPY_SHARE of the device's memory, as a merged copy."""
-    if choice not in GENERATION_WEIGHTS:
-        raise ValueError(f"generation_weights must be one of {GENERATION_WEIGHTS}, got {choice!r}")
+    the gathered copy when it needs at most AUTO_COPY_SHARE of the smallest rank's device memory
+    (a collective, so that every rank decides alike)."""
+    check_choice(choice)
     if choice == "auto":
-        return "gathered" if gathered_copy_bytes(model) <= AUTO_COPY_SHARE * device_memory_bytes(device) else "sharded"
+        smallest = -distributed.max_across(-device_memory_bytes(device))
+        return "gathered" if gathered_copy_bytes(model) <= AUTO_COPY_SHARE * smallest else "sharded"
     return "gathered" if choice == "merged_copy" else "sharded"
 
 
@@ -52,22 +54,19 @@ class GatheredCopy:
     weights with its active adapters merged, after `refresh()`. Same interface as
     weights.GenerationView. Attention runs through sdpa where the policy uses flash attention."""
 
-    weights = "gathered"
-
     def __init__(self, model: nn.Module):
         self._model = weakref.ref(model)
         self._layers = lora_layers(model)
         base = unwrap_peft(model)
         config = copy.deepcopy(base.config)
         attention = str(config._attn_implementation)
+        attention = "sdpa" if attention.startswith("flash_attention") else attention
         dtype = next(p for n, p in base.named_parameters() if "lora_" not in n).dtype
         with torch.device("meta"):
-            module = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation="sdpa" if attention.startswith("flash_attention") else attention)
+            module = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
         self.module = module.to_empty(device=module_device(model)).eval()
         if getattr(config, "tie_word_embeddings", False):
             self.module.tie_weights()
-        self.copy_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.module.parameters()}.values())
 
     def matches(self, model: nn.Module) -> bool:
         """Whether `model` still has the LoRA layers this copy was built on."""
@@ -79,6 +78,7 @@ class GatheredCopy:
         merged (none while adapters are disabled). A collective: every rank calls it together."""
         source = unwrap_peft(self._model())
         adapted = {name: layer for name, layer in self._layers}
+        written = set()  # a tied LM head and embedding: one tensor, written once
         for name, target in self.module.named_modules():
             origin = source.get_submodule(name)
             if name in adapted:
@@ -88,6 +88,8 @@ class GatheredCopy:
                     target.bias.copy_(whole(layer.get_base_layer().bias))
                 continue
             for key, tensor in target.named_parameters(recurse=False):
-                tensor.copy_(whole(origin.get_parameter(key)))
+                if id(tensor) not in written:
+                    tensor.copy_(whole(origin.get_parameter(key)))
+                    written.add(id(tensor))
             for key, tensor in target.named_buffers(recurse=False):
                 tensor.copy_(whole(origin.get_buffer(key)))

@@ -125,11 +125,15 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def check_choice(choice: str) -> None:
+    if choice not in GENERATION_WEIGHTS:
+        raise ValueError(f"generation_weights must be one of {GENERATION_WEIGHTS}, got {choice!r}")
+
+
 def resolve_weights(choice: str, model: nn.Module, device: torch.device) -> str:
     """"merged_copy" | "lora" for a model with LoRA adapters, "none" for one without (the view
     then reads every weight of the model itself); "auto" by AUTO_COPY_SHARE."""
-    if choice not in GENERATION_WEIGHTS:
-        raise ValueError(f"generation_weights must be one of {GENERATION_WEIGHTS}, got {choice!r}")
+    check_choice(choice)
     copy_bytes = merged_copy_bytes(model)
     if copy_bytes == 0:
         return "none"

@@ -52,7 +52,7 @@ OLD_LOGPROBS = ("auto", "rollout", "recompute")
 
 
 def resolve_old_logprobs(choice: str, dtype: torch.dtype) -> str:
-    """"rollout" | "recompute" for the weights' dtype: "auto" takes the rollout's in fp32 (about 2e-7
+    """"rollout" | "recompute" for the weights' dtype: "auto" takes the rollout's in fp32 (2e-7 to 3e-7
     from a recompute on the CPU), recomputes in half precision (not measured yet; `rollout/logprob_diff`
     shows it)."""
     if choice == "auto":
@@ -254,9 +254,10 @@ class PPOTrainer:
             if self.actor.reference_model is not None and not config.offload_reference:
                 sharding.shard(self.actor.reference_model)  # full fine-tuning's frozen copy, gathered per layer
         self.old_logprobs = resolve_old_logprobs(config.old_logprobs, next(unwrap_peft(model).parameters()).dtype)
+        from_rollout = self.old_logprobs == "rollout"
         self.engine = RolloutEngine(self.actor.model, self.tokenizer, generation_weights=config.generation_weights,
                                     generation_batch_size=config.generation_batch_size, max_length=config.max_length,
-                                    return_hidden=self.old_logprobs == "rollout")
+                                    fp32_head=from_rollout, return_hidden=from_rollout and self._values_on_trunk)
         self.records = records
         self.prompts = self._encode_prompts(records)
         self.ptx = self._ptx_examples()
@@ -368,11 +369,21 @@ class PPOTrainer:
         return Experience(rollout, scores, torch.cat(old_logprobs), torch.cat(ref_logprobs),
                           torch.cat(old_values) if old_values else None)
 
+    @property
+    def _values_on_trunk(self) -> bool:
+        """Whether the value function reads the policy trunk's hidden states (not its own adapter's)."""
+        return self.actor.value_head is not None and self.config.value_mode != "adapter"
+
     def _rollout_values(self, rollout: Rollout, rows: slice) -> torch.Tensor | None:
         """V(s_t) [b, L-1] of these rows from the states the engine drew each response token from
         (the policy trunk's final hidden states), placed on the target frame; None without a critic.
         The "adapter" value mode runs its own trunk (ActorCritic.values)."""
         ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
+        if not self._values_on_trunk:
+            return self.actor.values(None, ids, mask)
+        if rollout.response_hidden is None:
+            raise ValueError("old_logprobs 'rollout': the rollout carries no hidden states for the value head "
+                             "(sample it with RolloutEngine(..., return_hidden=True))")
         response = rollout.response_hidden[rows]
         hidden = response.new_zeros((ids.shape[0], ids.shape[1], response.shape[-1]))
         hidden[:, rollout.prompt_length - 1:-1] = response
