@@ -17,12 +17,17 @@ import yaml
 from rlhf_fast.errors import ConfigError
 
 
-def option(default, help: str, *, min=None, max=None, above=None, below=None, choices=None):
+def option(default, help: str, *, min=None, max=None, above=None, below=None, choices=None,
+           before=dataclasses.MISSING):
     """A config field with its one-line documentation and the values it takes: min / max
-    inclusive bounds, above / below exclusive ones, or a tuple of choices."""
+    inclusive bounds, above / below exclusive ones, or a tuple of choices. before: the value that
+    behaves as runs did before the option existed, where that is not its default (a checkpoint
+    written then resumes only with that value; training.config.TrainConfig.settings_before_options)."""
     checks = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below),
                                 ("choices", choices)) if v is not None}
     metadata = {"help": help, "checks": checks}
+    if before is not dataclasses.MISSING:
+        metadata["before"] = before
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -17,7 +17,7 @@ from helpers import KILL_AFTER_CHECKPOINT
 from rlhf_fast import checkpoint
 from rlhf_fast.config import ConfigError, load_config, parse_overrides
 from rlhf_fast.errors import CheckpointError, DataError, TrainingDiverged
-from rlhf_fast.stages import rm, sft
+from rlhf_fast.stages import ppo, rm, sft
 from rlhf_fast.training import supervised
 from rlhf_fast.training.loop import CollapseWatch
 from rlhf_fast.training.optim import OptimizerStep, build_optimizer
@@ -151,6 +151,27 @@ def test_resume_refuses_other_settings_and_says_when_there_is_nothing(tiny_model
     fresh = tmp_path / "fresh"
     sft.run(sft_config(tiny_model_dir, data, fresh, resume=True, max_steps=1))
     assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_an_option_resumes_with_the_value_that_behaves_as_runs_did(tiny_model_dir, tmp_path):
+    """A setting the checkpoint lacks (the option came later) stands for what runs did before it:
+    its default where that keeps the old behaviour, else the option's `before` (PPO's old_logprobs:
+    "recompute"); another value is refused, naming it."""
+    data, straight = sft_data(tmp_path), tmp_path / "straight"
+    sft.run(sft_config(tiny_model_dir, data, straight, save_every=2))
+    resumed = tmp_path / "resumed"
+    old = resumed / "checkpoints" / "step-000002"
+    shutil.copytree(straight / "checkpoints" / "step-000002", old)
+    settings = json.loads((old / "run_settings.json").read_text())
+    del settings["gradient_checkpointing"]  # as written before the option existed
+    (old / "run_settings.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match=r"gradient_checkpointing: the checkpoint predates it \(as False\), "
+                                              r"now True"):
+        sft.run(sft_config(tiny_model_dir, data, resumed, resume=True, gradient_checkpointing=True))
+    sft.run(sft_config(tiny_model_dir, data, resumed, resume=True))
+    assert_same_model(straight, resumed)
+    assert ppo.PPOConfig.settings_before_options()["old_logprobs"] == "recompute"
+    assert ppo.PPOConfig.settings_before_options()["gradient_checkpointing"] is False
 
 
 def test_resume_skips_a_corrupt_checkpoint_removes_killed_saves_and_keeps_metrics_once(tiny_model_dir, tmp_path,

@@ -86,7 +86,7 @@ class PPOConfig(RewardConfig, SamplingConfig, TrainConfig):
                                        "rollout, as verl and OpenRLHF do), 'auto' (rollout with fp32 weights, "
                                        "where the two differ by rounding; recompute in bf16/fp16, where the "
                                        "KV-cached decode's activations are rounded otherwise)",
-                               choices=OLD_LOGPROBS)
+                               choices=OLD_LOGPROBS, before="recompute")
     ppo_epochs: int = option(2, "passes over each rollout batch", min=1)
     max_new_tokens: int = option(32, "response budget per rollout", min=1)
     clip_low: float = option(0.2, "PPO ratio clip below 1", min=0.0, below=1.0)

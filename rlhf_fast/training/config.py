@@ -1,6 +1,6 @@
 """The config fields every training stage shares (model, LoRA, optimiser, batch sizes, schedule, run
 directory), each with the values it takes, checked when the config is built."""
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from rlhf_fast import distributed
 from rlhf_fast.config import ConfigError, check_divides, check_fields, option
@@ -77,6 +77,21 @@ class TrainConfig:
         if world.size > 1:
             settings["world_size"] = world.size
         return settings
+
+    @classmethod
+    def settings_before_options(cls) -> dict:
+        """For each config field, the value a checkpoint written before the option existed stands
+        for: its `before` (option()), else its default (an option whose default keeps the old
+        behaviour). A checkpoint without a setting resumes when this run's value is that one."""
+        before = {}
+        for field in fields(cls):
+            if "before" in field.metadata:
+                before[field.name] = field.metadata["before"]
+            elif field.default is not MISSING:
+                before[field.name] = field.default
+            elif field.default_factory is not MISSING:
+                before[field.name] = field.default_factory()
+        return before
 
 
 # fields a resumed session may change

@@ -68,7 +68,8 @@ def run_steps(config, name: str, step_fn, *, num_steps: int, modules: dict, step
     start = 0
     if config.resume:
         resumed = runstate.resume(output / "checkpoints", modules, stepper.optimizer, stepper.scheduler,
-                                  settings=config.run_settings(), num_steps=num_steps)
+                                  settings=config.run_settings(), num_steps=num_steps,
+                                  settings_before=config.settings_before_options())
         if resumed is None:
             print(f"{name}: nothing to resume in {output / 'checkpoints'} (no checkpoint); starting at step 0")
         else:

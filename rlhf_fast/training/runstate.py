@@ -136,20 +136,30 @@ def _load_sharded(directory: Path, modules: dict[str, nn.Module], optimizer) -> 
     set_optimizer_state_dict(module, optimizer, state["optim"], options=SHARDED_OPTIONS)
 
 
-def _differences(saved: dict, now: dict) -> list[str]:
-    keys = sorted(set(saved) | set(now))
-    return [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}"
-            for k in keys if saved.get(k) != now.get(k)]
+def _differences(saved: dict, now: dict, before: dict) -> list[str]:
+    """The settings that differ, one "name: checkpoint X, now Y" each. A setting the checkpoint
+    lacks (its option came later) counts as `before[name]`, what runs did before the option."""
+    changed = []
+    for key in sorted(set(saved) | set(now)):
+        if key in saved:
+            if saved[key] != now.get(key):
+                changed.append(f"{key}: checkpoint {saved[key]!r}, now {now.get(key, '<unset>')!r}")
+        elif key not in before:
+            changed.append(f"{key}: checkpoint <unset>, now {now[key]!r}")
+        elif before[key] != now[key]:
+            changed.append(f"{key}: the checkpoint predates it (as {before[key]!r}), now {now[key]!r}")
+    return changed
 
 
 def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, settings: dict,
-           num_steps: int) -> tuple[int, dict] | None:
+           num_steps: int, settings_before: dict | None = None) -> tuple[int, dict] | None:
     """Load the newest readable checkpoint under run_dir into modules / optimizer / scheduler / RNGs
     and return (step, stage_state); None when run_dir holds no checkpoint.
 
     A checkpoint whose files are unreadable is named in a warning and the previous one is tried.
     CheckpointError when the run's settings differ from the checkpoint's (listing them) or the
-    checkpoint is past num_steps.
+    checkpoint is past num_steps. settings_before: what a setting the checkpoint lacks stands for
+    (TrainConfig.settings_before_options); without it, any missing setting differs.
     """
     candidates = checkpoint.checkpoints(run_dir)
     if not candidates:
@@ -162,7 +172,7 @@ def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, sett
             print(f"resume: WARNING: checkpoint {directory} is unreadable ({error}); trying the previous one")
     else:
         raise CheckpointError(f"{run_dir}: none of the {len(candidates)} checkpoint(s) can be read")
-    changed = _differences(saved["settings"], settings)
+    changed = _differences(saved["settings"], settings, settings_before or {})
     if changed:
         raise CheckpointError(f"{directory}: this run's settings differ from the checkpoint's: {'; '.join(changed)} "
                               "(resume with the same settings, or use --overwrite true to start over)")
