@@ -1,7 +1,8 @@
 """linear_nll_loss: cross-entropy (the NLL of the targets) straight from hidden states and the LM head.
 
 F.cross_entropy(hidden @ weight.T + bias, targets) without the (N, V) logits, in three GEMMs: its
-gradient w.r.t. each token's log-prob is -1 (sum) or -1 / count (mean), known before the forward,
+gradient w.r.t. each token's log-prob is -w (sum) or -w / count (mean), w = 1 or the token's weight
+(a reward-weighted NLL: ReST), known before the forward,
 so the forward writes d hidden and d weight while each chunk's logits are in hand
 (kernels/_fused_loss.py) and the backward only scales them. SFT's response NLL, rejection-sampling
 fine-tuning and PPO-ptx use it.
@@ -22,33 +23,49 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class NLLRule:
-    """The NLL's per-token gradient: d loss / d lp = -weight (1, or 1 / count for "mean"), no entropy."""
+    """The NLL's per-token gradient: d loss / d lp = -w (w = 1 or the token's weight; / count for
+    "mean"), no entropy."""
 
     want_entropy = False
 
-    def __init__(self, targets, ignore_index, mean):
+    def __init__(self, targets, ignore_index, mean, token_weights=None):
         counted = targets != ignore_index
         self.divisor = counted.sum().float() if mean else None
-        weight = 1.0 / self.divisor if mean else 1.0
-        self.grad_logprobs = torch.where(counted, -weight, 0.0).float()  # (N,), once for every chunk
+        weights = torch.ones_like(targets, dtype=torch.float32) if token_weights is None else token_weights.float()
+        self.weights = torch.where(counted, weights, 0.0)
+        self.grad_logprobs = -self.weights if self.divisor is None else -self.weights / self.divisor
 
     def grad(self, rows, logprobs, entropy):
         return self.grad_logprobs[rows], None
 
     def value(self, logprobs, entropy):
-        total = -logprobs.sum()  # ignored rows hold 0
+        total = -(self.weights * logprobs).sum()  # ignored rows hold 0
         return total if self.divisor is None else total / self.divisor
 
 
+def _check_token_weights(op, token_weights):
+    """Floating point, no gradient; finite (checked on the CPU only: a CUDA check would sync)."""
+    if not token_weights.dtype.is_floating_point:
+        raise TypeError(f"{op}: token_weights must be a float tensor, got {token_weights.dtype}")
+    if token_weights.requires_grad:
+        raise ValueError(f"{op}: token_weights take no gradient; pass them detached")
+    if not token_weights.is_cuda and not torch.isfinite(token_weights).all():
+        raise ValueError(f"{op}: token_weights must be finite")
+
+
 def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", temperature=1.0,
-                    return_token_logprobs=False, backend="auto"):
-    """-sum or -mean over counted tokens of log softmax((hidden @ weight.T + bias) / temperature)[target].
+                    token_weights=None, return_token_logprobs=False, backend="auto"):
+    """-sum or -mean over counted tokens of log softmax((hidden @ weight.T + bias) / temperature)[target]
+    (each times its weight, with token_weights).
 
     hidden: (N, D) or (B, T, D), bf16/fp16/fp32; weight: (V, D), hidden's dtype; bias: (V,) or None;
     targets: int, hidden's leading shape, ignore_index where there is none (not counted, no gradient).
     reduction: "mean" (over counted tokens; NaN if none, as F.cross_entropy), "sum", or "none"
     (per-token NLL, hidden's leading shape; through token_logprobs). Equals
     F.cross_entropy(logits / temperature, targets, ignore_index=..., reduction=...).
+    token_weights: None, or finite float weights of targets' shape (no gradient): the loss is then
+    -sum w_t lp_t ("sum"), that / the counted-token count ("mean", the count unweighted), or -w_t lp_t
+    ("none"); the gradient is still made in the forward.
     Returns the loss, fp32 (a scalar, or per token for "none"); with return_token_logprobs,
     (loss, logprobs) with the per-token log-probs fp32, hidden's leading shape, 0 at ignore_index,
     detached (except for "none"). Gradients to hidden, weight and bias (those requiring grad),
@@ -63,20 +80,23 @@ def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, re
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     if targets.dtype.is_floating_point:
         raise TypeError(f"{op}: targets must be an integer tensor, got {targets.dtype}")
-    hidden2, rows, lead = flatten_head_inputs(op, hidden, weight, bias, targets=targets)
+    if token_weights is not None:
+        _check_token_weights(op, token_weights)
+    hidden2, rows, lead = flatten_head_inputs(op, hidden, weight, bias, targets=targets, token_weights=token_weights)
     if reduction == "none" or backend == "reference":
         if backend == "reference":
             loss, logprobs = reference.linear_nll_loss(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                                       reduction=reduction, temperature=temperature)
+                                                       reduction=reduction, temperature=temperature,
+                                                       token_weights=token_weights)
             loss, logprobs = loss.float(), logprobs.float()
         else:
             logprobs, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                          ignore_index=ignore_index, backend=backend)
-            loss = -logprobs
+            loss = -logprobs if token_weights is None else -logprobs * token_weights.float()
         return (loss, logprobs if reduction == "none" else logprobs.detach()) if return_token_logprobs else loss
     targets1 = rows["targets"].contiguous()
     check_targets(op, targets1, weight.shape[0], ignore_index)
-    rule = NLLRule(targets1, ignore_index, mean=reduction == "mean")
+    rule = NLLRule(targets1, ignore_index, mean=reduction == "mean", token_weights=rows["token_weights"])
     loss, logprobs, _ = linear_loss(hidden2, weight, bias, targets1, rule, temperature=temperature,
                                     ignore_index=ignore_index, backend=backend)
     return (loss, logprobs.view(lead)) if return_token_logprobs else loss

@@ -208,13 +208,16 @@ def linear_ppo_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, 
     return aggregate(per_token, maskf, loss_agg, loss_norm), stats
 
 
-def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", temperature=1.0):
-    """(-sum | -mean over counted tokens | -per token) of log softmax(logits / T)[target], and the log-probs."""
+def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean", temperature=1.0,
+                    token_weights=None):
+    """(-sum | -mean over counted tokens | -per token) of w x log softmax(logits / T)[target] (w = 1
+    without token_weights; the mean's count unweighted), and the log-probs."""
     logprobs, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                  ignore_index=ignore_index)
+    weighted = logprobs if token_weights is None else logprobs * token_weights.to(logprobs.dtype)
     if reduction == "none":
-        return -logprobs, logprobs
-    total = -logprobs.sum()
+        return -weighted, logprobs
+    total = -weighted.sum()
     if reduction == "sum":
         return total, logprobs
     return total / (targets != ignore_index).sum(), logprobs

@@ -108,6 +108,39 @@ def check_bf16_within_twice_eager(backend, device, n, d, v):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_weights_weigh_each_tokens_cross_entropy(backend, reduction, device):
+    """token_weights (ReST's reward-weighted NLL): against F.cross_entropy(reduction="none") x w on fp64
+    logits, summed or divided by the unweighted count of counted tokens, and its autograd gradients;
+    the fp64 spec (kernels.reference) agrees; weights of 1 give the unweighted loss."""
+    n, d, v, temperature = 45, 32, 1001, 0.8
+    hidden, weight, bias, targets = make_inputs(n, d, v)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(3)) * 3
+    upstream = torch.randn(n) if reduction == "none" else torch.tensor(1.0)
+    h, w, b = leaves_on(device, hidden, weight, bias)
+    loss = linear_nll_loss(h, w, targets.to(device), bias=b, temperature=temperature, reduction=reduction,
+                           token_weights=weights.to(device), backend=backend)
+    (loss * upstream.to(device)).sum().backward()
+
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    per_token = F.cross_entropy((h64 @ w64.T + b64) / temperature, targets, reduction="none") * weights.double()
+    counted = (targets != -100).sum()
+    want = {"none": per_token, "sum": per_token.sum(), "mean": per_token.sum() / counted}[reduction]
+    (want * upstream.double()).sum().backward()
+    assert_rel_close(loss, want, 1e-5, "loss")
+    check_grads([h.grad, w.grad, b.grad], [h64.grad, w64.grad, b64.grad], 1e-5)
+    if reduction != "none":
+        spec, _ = fp64_spec(hidden, weight, bias, targets, reduction=reduction, temperature=temperature,
+                            token_weights=weights)
+        assert_rel_close(loss, spec, 1e-5, "spec")
+    ones = linear_nll_loss(h.detach(), w.detach(), targets.to(device), bias=b.detach(), temperature=temperature,
+                           reduction=reduction, token_weights=torch.ones(n, device=device), backend=backend)
+    plain = linear_nll_loss(h.detach(), w.detach(), targets.to(device), bias=b.detach(), temperature=temperature,
+                            reduction=reduction, backend=backend)
+    assert torch.equal(ones, plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_error_is_within_twice_eager_bf16(backend, device):
     check_bf16_within_twice_eager(backend, device, 67, 64, 1000)
 
@@ -213,6 +246,14 @@ def test_bad_inputs_fail_with_a_message():
         linear_nll_loss(hidden, weight, torch.full((5,), 50))
     with pytest.raises(ValueError, match="temperature"):
         linear_nll_loss(hidden, weight, targets, temperature=0.0)
+    with pytest.raises(TypeError, match="token_weights must be a float tensor"):
+        linear_nll_loss(hidden, weight, targets, token_weights=torch.ones(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="token_weights must be finite"):
+        linear_nll_loss(hidden, weight, targets, token_weights=torch.tensor([1.0, 2.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(ValueError, match="token_weights take no gradient"):
+        linear_nll_loss(hidden, weight, targets, token_weights=torch.ones(5, requires_grad=True))
+    with pytest.raises(ValueError, match="leading shape"):
+        linear_nll_loss(hidden, weight, targets, token_weights=torch.ones(4))
 
 
 def test_tracks_reference_over_sgd_steps(device):
@@ -256,6 +297,12 @@ def nll(h, w, targets, *, bias=None, backend):
     return linear_nll_loss(h, w, targets, bias=bias, reduction="sum", temperature=0.8, backend=backend)
 
 
+def weighted_nll(h, w, targets, *, bias=None, backend):
+    weights = torch.linspace(0.0, 2.0, targets.numel(), device=targets.device).view(targets.shape)
+    return linear_nll_loss(h, w, targets, bias=bias, reduction="sum", temperature=0.8, token_weights=weights,
+                           backend=backend)
+
+
 def ppo(h, w, targets, *, bias=None, backend):
     data = ppo_data(h.shape[0], h.device)
     loss, _ = linear_ppo_loss(h, w, targets.clamp(min=0), **data, bias=bias, kl_coef=0.1, entropy_coef=0.05,
@@ -263,7 +310,7 @@ def ppo(h, w, targets, *, bias=None, backend):
     return loss
 
 
-LOSSES = {"nll": nll, "ppo": ppo}
+LOSSES = {"nll": nll, "weighted_nll": weighted_nll, "ppo": ppo}
 
 
 def expected_chunks(n, v, dtype, backend, weight_grad):

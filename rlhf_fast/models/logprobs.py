@@ -69,13 +69,16 @@ def sequence_logprobs(model, input_ids, attention_mask, *, response_start=None, 
     return logprobs, entropy
 
 
-def response_nll(model, input_ids, attention_mask, response_start):
+def response_nll(model, input_ids, attention_mask, response_start, row_weights=None):
     """Summed negative log-likelihood of the response tokens (prompt and padding give 0), through
     linear_nll_loss: its gradient is made in the forward (three LM-head GEMMs, not four), and only
-    the response positions go through the head."""
-    head, hidden, targets, _ = counted_head_inputs("response_nll", model, input_ids, attention_mask,
-                                                   response_start)
-    return linear_nll_loss(hidden, head.weight, targets, bias=head.bias, reduction="sum")
+    the response positions go through the head. row_weights: None, or (B,) float weights, each
+    row's tokens counted that many times (sum_i w_i NLL_i: ReST's reward-weighted NLL)."""
+    head, hidden, targets, counted = counted_head_inputs("response_nll", model, input_ids, attention_mask,
+                                                         response_start)
+    token_weights = None if row_weights is None else row_weights[:, None].expand(counted.shape)[counted]
+    return linear_nll_loss(hidden, head.weight, targets, bias=head.bias, reduction="sum",
+                           token_weights=token_weights)
 
 
 def packed_response_nll(model, input_ids, position_ids, targets):

@@ -20,18 +20,21 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from rlhf_fast import data, distributed
-from rlhf_fast.batching import encode_examples
+from rlhf_fast.batching import collate, encode_examples
 from rlhf_fast.candidates import sample_and_score
 from rlhf_fast.config import ConfigError, option, require
 from rlhf_fast.data import PROMPT_FIELDS, columns_option, split_option
 from rlhf_fast.device import pick_device
 from rlhf_fast.errors import DataError
 from rlhf_fast.feedback import write_jsonl_atomic
+from rlhf_fast.models.logprobs import response_nll
 from rlhf_fast.rewards import RewardConfig
 from rlhf_fast.rollout import SamplingConfig
 from rlhf_fast.seeding import seed_everything
-from rlhf_fast.training.objective import fine_tune_step, prepare_steps, row_logprob_sums
+from rlhf_fast.training.objective import fine_tune_step, prepare_steps
 from rlhf_fast.training.supervised import SupervisedConfig
 
 THRESHOLD_KINDS = ("percentile", "value")
@@ -117,11 +120,11 @@ def reward_weights(rewards: list[float], temperature: float) -> list[float]:
 
 def weighted_nll(model, micro: list, batch: list, *, pad_id: int, device):
     """sum_i w_i NLL_i / (the optimiser batch's response tokens): the NLL of train_supervised when
-    every w_i = 1. Items are (data.Encoded, weight)."""
+    every w_i = 1, in three LM-head GEMMs (response_nll's row weights). Items are (data.Encoded, weight)."""
     tokens = sum(len(e.input_ids) - e.response_start for e, _ in batch)
-    sums, _ = row_logprob_sums(model, [e for e, _ in micro], pad_id, device)
-    weights = sums.new_tensor([w for _, w in micro])
-    return -(weights * sums).sum() / tokens, {}
+    input_ids, attention_mask, starts = collate([e for e, _ in micro], pad_id, device)
+    weights = torch.tensor([w for _, w in micro], dtype=torch.float32, device=device)
+    return response_nll(model, input_ids, attention_mask, starts, row_weights=weights) / tokens, {}
 
 
 def _encode_weighted(config: ReSTConfig, train_file: Path):
