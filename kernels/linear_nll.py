@@ -31,20 +31,24 @@ class NLLRule:
     def __init__(self, targets, ignore_index, mean, token_weights=None):
         counted = targets != ignore_index
         self.divisor = counted.sum().float() if mean else None
-        weights = torch.ones_like(targets, dtype=torch.float32) if token_weights is None else token_weights.float()
-        self.weights = torch.where(counted, weights, 0.0)
-        self.grad_logprobs = -self.weights if self.divisor is None else -self.weights / self.divisor
+        scale = 1.0 / self.divisor if mean else 1.0
+        self.weights = None if token_weights is None else torch.where(counted, token_weights.float(), 0.0)
+        per_token = -scale if self.weights is None else -self.weights * scale
+        self.grad_logprobs = torch.where(counted, per_token, 0.0).float()  # (N,), once for every chunk
 
     def grad(self, rows, logprobs, entropy):
         return self.grad_logprobs[rows], None
 
     def value(self, logprobs, entropy):
-        total = -(self.weights * logprobs).sum()  # ignored rows hold 0
+        total = -(logprobs if self.weights is None else self.weights * logprobs).sum()  # ignored rows hold 0
         return total if self.divisor is None else total / self.divisor
 
 
-def _check_token_weights(op, token_weights):
-    """Floating point, no gradient; finite (checked on the CPU only: a CUDA check would sync)."""
+def _check_token_weights(op, token_weights, targets):
+    """Floating point, on targets' device, no gradient; finite (checked on the CPU only: a CUDA check
+    would sync)."""
+    if token_weights.device != targets.device:
+        raise ValueError(f"{op}: token_weights are on {token_weights.device}, targets on {targets.device}")
     if not token_weights.dtype.is_floating_point:
         raise TypeError(f"{op}: token_weights must be a float tensor, got {token_weights.dtype}")
     if token_weights.requires_grad:
@@ -81,7 +85,7 @@ def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, re
     if targets.dtype.is_floating_point:
         raise TypeError(f"{op}: targets must be an integer tensor, got {targets.dtype}")
     if token_weights is not None:
-        _check_token_weights(op, token_weights)
+        _check_token_weights(op, token_weights, targets)
     hidden2, rows, lead = flatten_head_inputs(op, hidden, weight, bias, targets=targets, token_weights=token_weights)
     if reduction == "none" or backend == "reference":
         if backend == "reference":
@@ -92,7 +96,8 @@ def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, re
         else:
             logprobs, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                          ignore_index=ignore_index, backend=backend)
-            loss = -logprobs if token_weights is None else -logprobs * token_weights.float()
+            loss = -logprobs if token_weights is None else \
+                -logprobs * torch.where(targets != ignore_index, token_weights.float(), 0.0)
         return (loss, logprobs if reduction == "none" else logprobs.detach()) if return_token_logprobs else loss
     targets1 = rows["targets"].contiguous()
     check_targets(op, targets1, weight.shape[0], ignore_index)

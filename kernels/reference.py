@@ -214,7 +214,8 @@ def linear_nll_loss(hidden, weight, targets, *, bias=None, ignore_index=-100, re
     without token_weights; the mean's count unweighted), and the log-probs."""
     logprobs, _ = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                  ignore_index=ignore_index)
-    weighted = logprobs if token_weights is None else logprobs * token_weights.to(logprobs.dtype)
+    weighted = logprobs if token_weights is None else \
+        logprobs * torch.where(targets != ignore_index, token_weights.to(logprobs.dtype), 0.0)
     if reduction == "none":
         return -weighted, logprobs
     total = -weighted.sum()

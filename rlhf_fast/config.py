@@ -27,6 +27,8 @@ def option(default, help: str, *, min=None, max=None, above=None, below=None, ch
                                 ("choices", choices)) if v is not None}
     metadata = {"help": help, "checks": checks}
     if before is not dataclasses.MISSING:
+        if choices is not None and before not in choices:
+            raise ValueError(f"option before={before!r} is not one of its choices {choices}")
         metadata["before"] = before
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)

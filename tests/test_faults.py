@@ -153,7 +153,8 @@ def test_resume_refuses_other_settings_and_says_when_there_is_nothing(tiny_model
     assert "nothing to resume" in capsys.readouterr().out
 
 
-def test_a_checkpoint_from_before_an_option_resumes_with_the_value_that_behaves_as_runs_did(tiny_model_dir, tmp_path):
+def test_a_checkpoint_from_before_an_option_resumes_with_the_value_that_behaves_as_runs_did(tiny_model_dir, tmp_path,
+                                                                                            capsys):
     """A setting the checkpoint lacks (the option came later) stands for what runs did before it:
     its default where that keeps the old behaviour, else the option's `before` (PPO's old_logprobs:
     "recompute"); another value is refused, naming it."""
@@ -165,13 +166,17 @@ def test_a_checkpoint_from_before_an_option_resumes_with_the_value_that_behaves_
     settings = json.loads((old / "run_settings.json").read_text())
     del settings["gradient_checkpointing"]  # as written before the option existed
     (old / "run_settings.json").write_text(json.dumps(settings))
-    with pytest.raises(CheckpointError, match=r"gradient_checkpointing: the checkpoint predates it \(as False\), "
-                                              r"now True"):
+    with pytest.raises(CheckpointError, match=r"gradient_checkpointing: the checkpoint predates the option \(runs "
+                                              r"then were as gradient_checkpointing False\), now True"):
         sft.run(sft_config(tiny_model_dir, data, resumed, resume=True, gradient_checkpointing=True))
+    capsys.readouterr()
     sft.run(sft_config(tiny_model_dir, data, resumed, resume=True))
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "(step 2)" in printed, "it resumed, not started over"
     assert_same_model(straight, resumed)
     assert ppo.PPOConfig.settings_before_options()["old_logprobs"] == "recompute"
     assert ppo.PPOConfig.settings_before_options()["gradient_checkpointing"] is False
+    assert ppo.GRPOConfig.settings_before_options()["loss_agg"] == "token-mean"  # a re-declared field keeps it
 
 
 def test_resume_skips_a_corrupt_checkpoint_removes_killed_saves_and_keeps_metrics_once(tiny_model_dir, tmp_path,

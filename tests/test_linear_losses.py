@@ -188,6 +188,29 @@ def test_no_tokens_at_all(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_3d_input_with_token_weights_equals_the_flat_rows(backend, device):
+    """(B, T, D) hidden with (B, T) token_weights: the loss and gradients of the same rows flattened,
+    with weights on ignored tokens (even inf) changing nothing."""
+    b, t, d, v = 3, 11, 16, 50
+    generator = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(b, t, d, generator=generator), torch.randn(v, d, generator=generator)
+    targets = torch.randint(0, v, (b, t), generator=generator)
+    targets[1, 4:] = -100
+    weights = torch.rand(b, t, generator=generator)
+    weights[1, 6] = float("inf") if device.type == "cuda" else 7.0  # ignored: the CPU check refuses inf
+    results = []
+    for shape in ((b, t, d), (b * t, d)):
+        h, w = (x.to(device, copy=True).requires_grad_() for x in (hidden.reshape(shape), weight))
+        loss = linear_nll_loss(h, w, targets.reshape(shape[:-1]).to(device), reduction="mean", backend=backend,
+                               token_weights=weights.reshape(shape[:-1]).to(device))
+        loss.backward()
+        results.append((loss.detach(), h.grad.reshape(b * t, d), w.grad))
+    (loss3, dh3, dw3), (loss2, dh2, dw2) = results
+    assert torch.isfinite(loss3) and torch.allclose(loss3, loss2, rtol=1e-6)
+    assert torch.allclose(dh3, dh2, rtol=1e-5, atol=1e-7) and torch.allclose(dw3, dw2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_3d_input_frozen_head_and_token_logprobs(backend, device):
     """(B, T, D) input; a frozen head gets no gradient (and none is made); the returned log-probs are
     token_logprobs', detached."""

@@ -142,6 +142,21 @@ def test_reward_weighted_nll_matches_the_formula(tiny_model_dir):
     expected = sum(w * nll(e) for e, w in items[:2]) / batch_tokens
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
+    # its gradient (three LM-head GEMMs, made in the forward) against autograd through HF's logits
+    head, layer = model.get_output_embeddings().weight, model.model.layers[0].mlp.up_proj.weight
+    loss.backward()
+    fused = [head.grad.clone(), layer.grad.clone()]
+    model.zero_grad()
+    formula = 0.0
+    for e, w in items[:2]:
+        ids = torch.tensor([e.input_ids])
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+        targets = ids[0, 1:]
+        formula = formula - w * logprobs[torch.arange(len(targets)), targets][e.response_start - 1:].sum()
+    (formula / batch_tokens).backward()
+    for got, want in zip(fused, [head.grad, layer.grad]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
 
 def test_unit_weights_train_the_same_weights_as_train_supervised(tiny_model_dir, tmp_path):
     train = data.write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}:", "response": f" fox {i} dog", "weight": 1.0}

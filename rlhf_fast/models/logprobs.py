@@ -74,6 +74,9 @@ def response_nll(model, input_ids, attention_mask, response_start, row_weights=N
     linear_nll_loss: its gradient is made in the forward (three LM-head GEMMs, not four), and only
     the response positions go through the head. row_weights: None, or (B,) float weights, each
     row's tokens counted that many times (sum_i w_i NLL_i: ReST's reward-weighted NLL)."""
+    if row_weights is not None and (row_weights.shape != input_ids.shape[:1] or row_weights.device != input_ids.device):
+        raise ValueError(f"response_nll: row_weights must be ({input_ids.shape[0]},) on {input_ids.device}, got "
+                         f"{tuple(row_weights.shape)} on {row_weights.device}")
     head, hidden, targets, counted = counted_head_inputs("response_nll", model, input_ids, attention_mask,
                                                          response_start)
     token_weights = None if row_weights is None else row_weights[:, None].expand(counted.shape)[counted]

@@ -182,7 +182,8 @@ class GRPOConfig(PPOConfig):
     ppo_epochs: int = option(1, "passes over each rollout batch", min=1)
     loss_agg: str = option("seq-mean-token-mean", "'seq-mean-token-mean' (GRPO's paper), 'token-mean', or "
                                                   "'seq-mean-token-sum-norm' (Dr. GRPO: sum / max_new_tokens)",
-                           choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+                           choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+                           before="token-mean")  # GRPO averaged over tokens before the option existed
 
 
 class AdaptiveKLController:

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from rlhf_fast import checkpoint, distributed
 from rlhf_fast.errors import CheckpointError
+from rlhf_fast.training.config import RESUMABLE_CHANGES
 
 TRAINABLE_FILE = "trainable.safetensors"
 STAGE_STATE = "stage_state"
@@ -141,13 +142,16 @@ def _differences(saved: dict, now: dict, before: dict) -> list[str]:
     lacks (its option came later) counts as `before[name]`, what runs did before the option."""
     changed = []
     for key in sorted(set(saved) | set(now)):
-        if key in saved:
-            if saved[key] != now.get(key):
-                changed.append(f"{key}: checkpoint {saved[key]!r}, now {now.get(key, '<unset>')!r}")
+        if key not in now:
+            changed.append(f"{key}: checkpoint {saved[key]!r}, now unset")
+        elif key in saved:
+            if saved[key] != now[key]:
+                changed.append(f"{key}: checkpoint {saved[key]!r}, now {now[key]!r}")
         elif key not in before:
-            changed.append(f"{key}: checkpoint <unset>, now {now[key]!r}")
+            changed.append(f"{key}: checkpoint unset, now {now[key]!r}")
         elif before[key] != now[key]:
-            changed.append(f"{key}: the checkpoint predates it (as {before[key]!r}), now {now[key]!r}")
+            changed.append(f"{key}: the checkpoint predates the option (runs then were as {key} {before[key]!r}), "
+                           f"now {now[key]!r}")
     return changed
 
 
@@ -172,7 +176,8 @@ def resume(run_dir, modules: dict[str, nn.Module], optimizer, scheduler, *, sett
             print(f"resume: WARNING: checkpoint {directory} is unreadable ({error}); trying the previous one")
     else:
         raise CheckpointError(f"{run_dir}: none of the {len(candidates)} checkpoint(s) can be read")
-    changed = _differences(saved["settings"], settings, settings_before or {})
+    saved_settings = {k: v for k, v in saved["settings"].items() if k not in RESUMABLE_CHANGES}
+    changed = _differences(saved_settings, settings, settings_before or {})
     if changed:
         raise CheckpointError(f"{directory}: this run's settings differ from the checkpoint's: {'; '.join(changed)} "
                               "(resume with the same settings, or use --overwrite true to start over)")
