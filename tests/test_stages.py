@@ -537,3 +537,24 @@ def test_old_logprobs_auto_takes_the_rollouts_in_fp32_and_recomputes_in_half_pre
     assert ppo.resolve_old_logprobs("auto", torch.float16) == "recompute"
     assert ppo.resolve_old_logprobs("recompute", torch.float32) == "recompute"
     assert ppo.resolve_old_logprobs("rollout", torch.bfloat16) == "rollout"
+
+
+def test_the_experience_pass_runs_without_dropout(tiny_model_dir, tmp_path):
+    """With LoRA dropout the update trains in train mode, but the old log-probs and values are the
+    policy's own (eval mode, as the rollout samples): the same on every call, and the rollout's."""
+    reward_dir, _ = tiny_reward_model(tiny_model_dir, tmp_path, lora_r=4)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}:"} for i in range(4)])
+    trainer = ppo.PPOTrainer(ppo.PPOConfig(
+        model=str(tiny_model_dir), reward_model=str(reward_dir), prompts=str(prompts),
+        output_dir=str(tmp_path / "ppo"), lora_r=4, lora_dropout=0.5, iterations=1, batch_size=4,
+        mini_batch_size=4, micro_batch_size=2, max_new_tokens=6, max_length=24, old_logprobs="recompute"))
+    for name, p in trainer.actor.model.named_parameters():  # a live adapter: dropout would show
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    rollout, rows = trainer.rollout()
+    scores, _ = trainer.score(rollout, rows)
+    trainer.actor.train()  # as after an update
+    first, second = trainer.make_experience(rollout, scores), trainer.make_experience(rollout, scores)
+    assert trainer.actor.training, "the mode is restored"
+    assert torch.equal(first.old_logprobs, second.old_logprobs) and torch.equal(first.old_values, second.old_values)
+    assert (first.old_logprobs - rollout.logprobs).abs().max().item() < 2e-5

@@ -13,7 +13,6 @@ One call of `RolloutEngine.sample`:
 Position ids are cumsum(attention_mask) - 1, as `models.trunk.last_hidden` makes them in
 training, so a token is scored at the position it was sampled at.
 """
-import contextlib
 import inspect
 import weakref
 
@@ -24,6 +23,7 @@ from transformers import StaticCache
 from rlhf_fast import distributed
 from rlhf_fast.data import pad_batch
 from rlhf_fast.device import autocast, module_device
+from rlhf_fast.models.modes import evaluating
 from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import decoder_of, fusable_head, lm_head_of, unwrap_peft
 from rlhf_fast.rollout.frame import Rollout
@@ -369,18 +369,6 @@ class RolloutEngine:
         frame_logprobs[:, prompt_length - 1:] = logprobs
         return Rollout(torch.cat([prompt_ids, tokens], dim=1), attention_mask, token_mask[:, 1:].clone(),
                        prompt_length, ended, frame_logprobs, hidden)
-
-
-@contextlib.contextmanager
-def evaluating(module: torch.nn.Module):
-    """`module` in eval mode (no dropout) inside, each submodule's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
