@@ -285,9 +285,9 @@ class RolloutEngine:
         """(tokens [b, n] int64, log-probs [b, n] fp32, lengths [b], ended [b], hidden [b, n, D] or
         None) for one generation batch of b rows, decoded as `padded` >= b rows; n <= max_new_tokens
         is the longest response, pad / 0 after each row's end (hidden: the state each token was
-        drawn from; after a row's end, whatever the step computed). noise_rows = (B, first): these rows are rows
-        first.. of a batch of B whose noise is drawn whole each step, and decoding goes on until
-        every rank's rows have ended."""
+        drawn from; after a row's end, whatever the step computed). noise_rows = (B, first): these
+        rows are rows first.. of a batch of B whose noise is drawn whole each step, and decoding
+        goes on until every rank's rows have ended."""
         rows, prompt_length = prompt_ids.shape
         if padded > rows:  # filler rows repeat the last real one and are dropped at the end
             prompt_ids = torch.cat([prompt_ids, prompt_ids[-1:].expand(padded - rows, -1)])
