@@ -69,3 +69,10 @@ def test_list_keys_take_commas_or_a_yaml_list_on_the_command_line():
         assert load_config(ReSTConfig, None, {**keys, "thresholds": given}).thresholds == [10.0, 50.5]
     with pytest.raises(ConfigError, match="thresholds: expected float"):
         load_config(ReSTConfig, None, {**keys, "thresholds": "[x]"})
+
+
+def test_stop_strings_must_be_non_empty():
+    rewards = {"prompts": "p.jsonl", "reward_functions": ["rlhf_fast.demo.task:oracle_reward"]}
+    assert PPOConfig(**rewards, stop=["\nUser:", "###"]).stop == ["\nUser:", "###"]
+    with pytest.raises(ConfigError, match="stop must be a list of non-empty strings"):
+        PPOConfig(**rewards, stop=["ok", ""])

@@ -164,6 +164,50 @@ def test_return_hidden_needs_a_plain_linear_head(tiny_model_dir):
         engine(model, tokenizer, return_hidden=True)
 
 
+def mid_response_stop(tokenizer, rollout, row=0):
+    """A stop string that row's greedy response completes at its 4th token or later (an ASCII word
+    piece not in its text before), and the response length at it."""
+    response = rollout.responses()[row].tolist()
+    for length in range(4, len(response)):
+        before, text = tokenizer.decode(response[:length - 1]), tokenizer.decode(response[:length])
+        piece = text[len(before):].strip()
+        if text.startswith(before) and len(piece) >= 2 and piece.isascii() and piece.isalpha() and piece not in before:
+            return piece, length
+    pytest.fail("no ASCII word piece in the greedy response to stop at")
+
+
+@pytest.mark.parametrize("captured_path", [False, True], ids=["eager", "checks-every-8-steps"])
+def test_stop_strings_end_a_response_where_hf_generate_stops(tiny_model_dir, monkeypatch, captured_path):
+    """Greedy decoding with a stop string gives HF generate(stop_strings=...)'s tokens (the stop kept,
+    the row ended, the others decoding on); on the captured path (ends checked every 8 steps, the
+    tokens after the stop padded away) the same rollout."""
+    tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
+    model = fp32_model(tiny_model_dir)
+    prompts = random_prompts(tokenizer, [5, 11, 2], seed=2)
+    free = engine(model, tokenizer).sample(prompts, max_new_tokens=14, do_sample=False)
+    stop, length = mid_response_stop(tokenizer, free)
+    if captured_path:  # the CUDA path's bookkeeping with an uncompiled step, on the CPU
+        monkeypatch.setattr(engine_module, "compile_step", lambda step: step)
+    rollout = RolloutEngine(model, tokenizer, compile=captured_path).sample(prompts, max_new_tokens=14,
+                                                                             do_sample=False, stop=[stop])
+    ids, mask = pad_batch(prompts, tokenizer.pad_token_id, side="left")
+    reference = model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=False,
+                               max_new_tokens=14, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, stop_strings=[stop], tokenizer=tokenizer)
+    assert rollout.response_lengths[0].item() == length and bool(rollout.ended_with_eos[0])
+    assert stop in tokenizer.decode(rollout.responses()[0]) and stop not in tokenizer.decode(
+        rollout.responses()[0][:-1])
+    for row, response in enumerate(rollout.responses()):
+        hf = reference[row, ids.shape[1]:].to(response.device)
+        assert torch.equal(response, hf[:len(response)]), row
+        assert (hf[len(response):] == tokenizer.pad_token_id).all(), f"row {row}: HF went on after the stop"
+    tail = rollout.input_ids[0, rollout.prompt_length + length:]
+    assert (tail == tokenizer.pad_token_id).all()
+    assert (rollout.logprobs[0, rollout.prompt_length - 1 + length:] == 0).all()
+    with pytest.raises(ValueError, match="non-empty strings"):
+        engine(model, tokenizer).sample(prompts, max_new_tokens=4, stop=[""])
+
+
 def hand_filtered_probs(scores, top_k, top_p):
     """softmax(scores) restricted as HF restricts it, in fp64 loops: top-k keeps scores >= the
     k-th best; top-p keeps, best first, each token while the mass before it is < top_p."""

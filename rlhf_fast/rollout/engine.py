@@ -28,7 +28,8 @@ from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import decoder_of, fusable_head, lm_head_of, unwrap_peft
 from rlhf_fast.rollout.frame import Rollout
 from rlhf_fast.rollout.gathered import GatheredCopy, gathered_copy_bytes, resolve_sharded_weights
-from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, choose_tokens
+from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, check_stop, choose_tokens
+from rlhf_fast.rollout.stops import StopStrings
 from rlhf_fast.rollout.weights import GenerationView, merged_copy_bytes, resolve_weights
 
 # CUDA only: the KV cache length is rounded up to this many slots when no max_length fixes it, so
@@ -105,6 +106,7 @@ class RolloutEngine:
         # the KV cache argument: `past_key_values` in transformers 5.17, `cache` in 5.24
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         self._model = weakref.ref(model)
+        self._tokenizer = tokenizer  # stop strings are matched on its text
         self._view: GenerationView | GatheredCopy | None = None
         self._step = None
         self._cache, self._cache_shape = None, None
@@ -133,18 +135,20 @@ class RolloutEngine:
         """`sample` with a stage's SamplingConfig."""
         return self.sample(prompts, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                            top_p=sampling.top_p, top_k=sampling.top_k, num_samples=num_samples,
-                           do_sample=do_sample, generator=generator, rows=rows)
+                           do_sample=do_sample, generator=generator, rows=rows, stop=sampling.stop)
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, do_sample: bool = True,
-               generator: torch.Generator | None = None, rows: slice | None = None) -> Rollout:
+               generator: torch.Generator | None = None, rows: slice | None = None, stop=()) -> Rollout:
         """`num_samples` responses per prompt, rows grouped by prompt, as a Rollout [B, L] with
         B = len(prompts) * num_samples and its `logprobs` [B, L-1] fp32.
 
         prompts: token id lists (non-empty). do_sample=False decodes greedily (argmax; the
         log-probs still use `temperature`). generator: the RNG of the draws (default: torch's
-        global one). Never writes to the model's weights, never changes its train/eval mode.
+        global one). stop: strings that end a response at the token completing the first of them
+        (kept; stops.py), as EOS does. Never writes to the model's weights, never changes its
+        train/eval mode.
 
         rows: generate only these rows of the B (a rank's share under torchrun, with every rank
         calling with the same prompts and generator state). They come out as the whole batch's
@@ -153,6 +157,7 @@ class RolloutEngine:
         the ranks' shares together equal one process's rollout of B rows in one generation batch.
         """
         check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+        check_stop(stop)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not prompts:
@@ -178,7 +183,9 @@ class RolloutEngine:
         with evaluating(module):
             pieces = [self._generate(module, prompt_ids[first:first + batch], prompt_mask[first:first + batch],
                                      padded, cache_length, max_new_tokens, sampling, generator,
-                                     None if noise_rows is None else (noise_rows, share.start + first))
+                                     None if noise_rows is None else (noise_rows, share.start + first),
+                                     StopStrings(self._tokenizer, tuple(stop), min(batch, rows - first)) if stop
+                                     else None)
                       for first in range(0, rows, batch)]
         return self._assemble(prompt_ids, prompt_mask, pieces)
 
@@ -281,13 +288,14 @@ class RolloutEngine:
         return inputs
 
     def _generate(self, module, prompt_ids, prompt_mask, padded, cache_length, max_new_tokens, sampling, generator,
-                  noise_rows: tuple[int, int] | None = None):
+                  noise_rows: tuple[int, int] | None = None, stops: StopStrings | None = None):
         """(tokens [b, n] int64, log-probs [b, n] fp32, lengths [b], ended [b], hidden [b, n, D] or
         None) for one generation batch of b rows, decoded as `padded` >= b rows; n <= max_new_tokens
         is the longest response, pad / 0 after each row's end (hidden: the state each token was
         drawn from; after a row's end, whatever the step computed). noise_rows = (B, first): these
         rows are rows first.. of a batch of B whose noise is drawn whole each step, and decoding
-        goes on until every rank's rows have ended."""
+        goes on until every rank's rows have ended. stops: the batch's stop strings, checked
+        where the end of every row is."""
         rows, prompt_length = prompt_ids.shape
         if padded > rows:  # filler rows repeat the last real one and are dropped at the end
             prompt_ids = torch.cat([prompt_ids, prompt_ids[-1:].expand(padded - rows, -1)])
@@ -340,8 +348,13 @@ class RolloutEngine:
             x["finished"].copy_(new_finished)
             x["lengths"].copy_(new_lengths)
             check = not self.compile or t % CUDA_EOS_CHECK_EVERY == CUDA_EOS_CHECK_EVERY - 1
+            if check and stops is not None:
+                stops.apply(tokens, logprobs, x["finished"], x["lengths"], t + 1, self.pad_id)
             if check and ended_everywhere(bool(x["finished"][:rows].all())):
                 break
+        else:
+            if stops is not None:  # the steps since the last check
+                stops.apply(tokens, logprobs, x["finished"], x["lengths"], max_new_tokens, self.pad_id)
         lengths = x["lengths"][:rows].clone()
         longest = int(lengths.max())
         return (tokens[:rows, :longest], logprobs[:rows, :longest], lengths, x["finished"][:rows].clone(),
@@ -390,13 +403,13 @@ def engine_for(model, tokenizer, *, generation_weights: str = "auto", generation
 
 def sample(policy, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, do_sample: bool = True,
-           generation_weights: str = "auto", generation_batch_size: int = 0) -> Rollout:
+           generation_weights: str = "auto", generation_batch_size: int = 0, stop=()) -> Rollout:
     """Sample `num_samples` responses per prompt (rows grouped by prompt) through the policy's
     engine (`engine_for`); see RolloutEngine.sample."""
     engine = engine_for(policy, tokenizer, generation_weights=generation_weights,
                         generation_batch_size=generation_batch_size)
     return engine.sample(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         top_k=top_k, num_samples=num_samples, do_sample=do_sample)
+                         top_k=top_k, num_samples=num_samples, do_sample=do_sample, stop=stop)
 
 
 def sample_with(policy, tokenizer, prompts: list[list[int]], sampling: SamplingConfig, *,

@@ -28,6 +28,8 @@ class SamplingConfig:
                 "needs at most 1/8 of the device's memory)", choices=GENERATION_WEIGHTS)
     generation_batch_size: int = option(0, "rows per generation batch, apart from the training micro-batch "
                                            "(0 = all rows of a call in one batch)", min=0)
+    stop: list[str] = option([], "stop strings: a response ends at the token that completes the first of them "
+                                 "(kept in it), as EOS ends it")
 
     def check_sampling(self) -> None:
         if self.max_new_tokens < 1:
@@ -42,6 +44,16 @@ class SamplingConfig:
             raise ConfigError(f"generation_weights must be one of {GENERATION_WEIGHTS}, got {self.generation_weights!r}")
         if self.generation_batch_size < 0:
             raise ConfigError(f"generation_batch_size must be >= 0 (0 = one batch), got {self.generation_batch_size}")
+        try:
+            check_stop(self.stop)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def check_stop(stop) -> None:
+    """Stop strings: a list of non-empty strings."""
+    if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:

@@ -104,8 +104,10 @@ def cut(text: str, stop: str) -> str:
 
 def model_writers(model, tokenizer, constitution: Constitution, config: CAIConfig) -> tuple[Critic, Reviser]:
     """A critic and a reviser that prompt `model` with the constitution's templates and sample one
-    answer each through the rollout engine (cut at config.output_stop)."""
+    answer each through the rollout engine, which stops at config.output_stop (cut off the text)."""
     sampling = {f.name: getattr(config, f.name) for f in fields(SamplingConfig)}
+    if config.output_stop:
+        sampling["stop"] = [*config.stop, config.output_stop]
 
     def write(texts: list[str], max_new_tokens: int) -> list[str]:
         budget = SamplingConfig(**{**sampling, "max_new_tokens": max_new_tokens})
