@@ -10,6 +10,16 @@ def device_for(backend: str) -> torch.device:
     return torch.device("cuda" if cuda else "cpu")
 
 
+def randomize_lora(model, seed: int, scale: float = 0.3):
+    """Every LoRA A and B of `model` random (a fresh adapter's B is 0, which would hide it); `model` back."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model
+
+
 def relative_error(out, ref) -> float:
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

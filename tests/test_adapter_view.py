@@ -3,6 +3,8 @@ ones, or adapters disabled, its hidden states are peft's bit for bit; it decline
 model; and it enters no state dict."""
 import torch
 
+from helpers import randomize_lora
+
 from rlhf_fast.models.adapters import active_adapter, adapters_disabled, add_lora
 from rlhf_fast.models.loading import load_causal_lm
 from rlhf_fast.models.roles import ActorCritic
@@ -15,12 +17,7 @@ def two_adapters(model_dir, dropout=0.0):
     model = add_lora(load_causal_lm(model_dir, device="cpu", dtype="fp32"), "policy", r=4, alpha=8, dropout=dropout)
     model = add_lora(model, "reward", r=4, alpha=8, dropout=dropout)
     model.set_adapter("policy")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
+    return randomize_lora(model, seed=0)
 
 
 def batch():

@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from helpers import randomize_lora
+
 from rlhf_fast.models.adapters import add_lora
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.logprobs import sequence_logprobs
@@ -14,13 +16,8 @@ pytestmark = pytest.mark.gpu
 
 
 def lora_policy(model_dir, dtype):
-    model = add_lora(load_causal_lm(model_dir, device="cuda", dtype=dtype), "policy", r=4, alpha=8)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
+    return randomize_lora(add_lora(load_causal_lm(model_dir, device="cuda", dtype=dtype), "policy", r=4, alpha=8),
+                          seed=1)
 
 
 @pytest.mark.parametrize("weights", ["merged_copy", "lora"])

@@ -5,6 +5,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from helpers import randomize_lora
+
 from rlhf_fast.data import pad_batch
 from rlhf_fast.memory import kv_cache_bytes, memory_ledger
 from rlhf_fast.models.adapters import adapters_disabled, add_lora
@@ -29,13 +31,7 @@ def fp32_model(model_dir):
 
 def with_lora(model, seed=1, scale=0.3):
     """A "policy" LoRA adapter with random, non-zero A and B (a fresh adapter's B is 0)."""
-    model = add_lora(model, "policy", r=4, alpha=8)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return model
+    return randomize_lora(add_lora(model, "policy", r=4, alpha=8), seed, scale)
 
 
 def random_prompts(tokenizer, lengths, seed=0):

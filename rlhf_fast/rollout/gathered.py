@@ -21,7 +21,7 @@ from rlhf_fast.device import module_device
 from rlhf_fast.models.trunk import unwrap_peft
 from rlhf_fast import distributed
 from rlhf_fast.rollout.weights import (AUTO_COPY_SHARE, active_terms, check_choice, device_memory_bytes, lora_layers,
-                                       merge_into)
+                                       merge_into, same_lora_layers)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class GatheredCopy:
 
     def matches(self, model: nn.Module) -> bool:
         """Whether `model` still has the LoRA layers this copy was built on."""
-        return [id(layer) for _, layer in lora_layers(model)] == [id(layer) for _, layer in self._layers]
+        return same_lora_layers(model, self._layers)
 
     @torch.no_grad()
     def refresh(self) -> None:

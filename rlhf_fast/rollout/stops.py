@@ -16,14 +16,19 @@ class StopStrings:
     def __init__(self, tokenizer, stop: tuple[str, ...], rows: int):
         self.tokenizer, self.stop = tokenizer, stop
         self.clean = [0] * rows  # per row: this many response tokens are known to hold no stop string
+        # tokens a stop string can span: one character may take up to 4 byte-level tokens
+        self.span = 4 * max(len(s) for s in stop)
 
     def _first_stop(self, row: int, tokens: list[int]) -> int | None:
-        """The response length that ends at `tokens`' first stop string, or None."""
-        if not any(s in self.tokenizer.decode(tokens) for s in self.stop):
+        """The response length that ends at `tokens`' first stop string, or None. Only the tokens a
+        stop string could reach past the known-clean ones are decoded, so a check costs the same at
+        any response length."""
+        start = max(0, self.clean[row] - self.span)
+        if not any(s in self.tokenizer.decode(tokens[start:]) for s in self.stop):
             self.clean[row] = len(tokens)
             return None
         for length in range(self.clean[row] + 1, len(tokens) + 1):
-            text = self.tokenizer.decode(tokens[:length])
+            text = self.tokenizer.decode(tokens[start:length])
             if any(s in text for s in self.stop):
                 return length
         return len(tokens)

@@ -92,6 +92,12 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def same_lora_layers(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> bool:
+    """Whether `model`'s LoRA layers are still `layers` (lora_layers' answer when a view was built):
+    an adapter added on other target modules since needs a new view."""
+    return [id(layer) for _, layer in lora_layers(model)] == [id(layer) for _, layer in layers]
+
+
 def active_terms(layer) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
     """(A [r, in], B [out, r], scaling) of each adapter the layer applies now: none while
     adapters are disabled, none already merged into its base weight."""
@@ -190,7 +196,7 @@ class AdapterView:
 
     def matches(self, model: nn.Module) -> bool:
         """Whether `model` still has the LoRA layers this view was built on."""
-        return [id(layer) for _, layer in lora_layers(model)] == [id(layer) for _, layer in self._layers]
+        return same_lora_layers(model, self._layers)
 
     def module(self, adapters: list[str] | None = None, *, training: bool) -> nn.Module | None:
         """The transformers model applying `adapters` (in that order; None: what each layer applies
@@ -276,7 +282,7 @@ class GenerationView:
     def matches(self, model: nn.Module) -> bool:
         """Whether `model` still has the LoRA layers this view was built on (an adapter added on
         other target modules since needs a new view)."""
-        return [id(layer) for _, layer in lora_layers(model)] == [id(layer) for _, layer in self._layers]
+        return same_lora_layers(model, self._layers)
 
     @torch.no_grad()
     def refresh(self) -> None:
