@@ -20,6 +20,22 @@ def randomize_lora(model, seed: int, scale: float = 0.3):
     return model
 
 
+def tiny_config(architecture: str, vocab_size: int = 211):
+    """A tiny transformers config of one of the decoder families the tests cover: llama, qwen2,
+    qwen3 (per-head q/k norms), mistral (no sliding window) or gpt2 (learned positions, no RoPE)."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if architecture == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    make = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+            "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[architecture]
+    extra = {"sliding_window": None} if architecture == "mistral" else {}
+    if architecture == "qwen3":
+        extra["head_dim"] = 8
+    return make(**common, intermediate_size=64, num_key_value_heads=2, **extra)
+
+
 def relative_error(out, ref) -> float:
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

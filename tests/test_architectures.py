@@ -2,38 +2,17 @@
 import pytest
 import torch
 
+from helpers import tiny_config
+
 from rlhf_fast.models import sequence_logprobs
 from rlhf_fast.models.loading import load_causal_lm
 
-TINY = dict(vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-
-
-def llama():
-    from transformers import LlamaConfig
-    return LlamaConfig(**TINY, intermediate_size=64, num_key_value_heads=2)
-
-
-def qwen2():
-    from transformers import Qwen2Config
-    return Qwen2Config(**TINY, intermediate_size=64, num_key_value_heads=2)
-
-
-def mistral():
-    from transformers import MistralConfig
-    return MistralConfig(**TINY, intermediate_size=64, num_key_value_heads=2, sliding_window=None)
-
-
-def gpt2():
-    from transformers import GPT2Config
-    return GPT2Config(vocab_size=211, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-
-
-@pytest.mark.parametrize("make_config", [llama, qwen2, mistral, gpt2], ids=lambda f: f.__name__)
-def test_fused_logprobs_equal_the_models_logits(make_config, tmp_path):
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "mistral", "gpt2"])
+def test_fused_logprobs_equal_the_models_logits(architecture, tmp_path):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(make_config()).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(tiny_config(architecture)).save_pretrained(tmp_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(tmp_path, device=device, dtype="fp32", attn="eager").eval()
     input_ids = torch.randint(0, 211, (3, 9), device=device)

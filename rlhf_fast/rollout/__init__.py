@@ -1,5 +1,6 @@
 """Rollouts: the engine every sampling stage uses (engine.py), how a token is drawn (sampling.py),
-the weights it decodes with (weights.py) and what it returns (frame.py)."""
+the weights it decodes with (weights.py), its uncaptured decode step (lean_step.py) and what it
+returns (frame.py)."""
 from rlhf_fast.rollout.engine import RolloutEngine, engine_for, sample, sample_with
 from rlhf_fast.rollout.frame import Rollout, logprob_diff, response_frame
 from rlhf_fast.rollout.sampling import GENERATION_WEIGHTS, SamplingConfig, choose_tokens, filter_logits

@@ -10,6 +10,9 @@ One call of `RolloutEngine.sample`:
      token, temperature / top-k / top-p, draw, EOS bookkeeping; stop when every row has ended;
   4. assemble the `Rollout`, with the log-prob each sampled token was drawn with (and, asked for,
      the trunk's final hidden state before each response token: `return_hidden`).
+Uncaptured decode steps of Llama-layout models run through `LeanDecodeStep` (lean_step.py), the
+model's own modules without transformers' per-call machinery; the prefill always through the
+model's forward.
 Position ids are cumsum(attention_mask) - 1, as `models.trunk.last_hidden` makes them in
 training, so a token is scored at the position it was sampled at.
 """
@@ -26,6 +29,7 @@ from rlhf_fast.device import autocast, module_device
 from rlhf_fast.models.modes import evaluating
 from rlhf_fast.models.sharding import is_sharded
 from rlhf_fast.models.trunk import decoder_of, fusable_head, lm_head_of, unwrap_peft
+from rlhf_fast.rollout import lean_step
 from rlhf_fast.rollout.frame import Rollout
 from rlhf_fast.rollout.gathered import GatheredCopy, gathered_copy_bytes, resolve_sharded_weights
 from rlhf_fast.rollout.sampling import SamplingConfig, check_sampling_args, check_stop, choose_tokens
@@ -79,11 +83,13 @@ class RolloutEngine:
     (`fusable_head`).
     return_hidden: every Rollout carries `response_hidden`, the trunk's final hidden state before
     each response token (what a value head on the policy trunk reads); implies fp32_head.
+    lean: uncaptured decode steps go through `LeanDecodeStep` where `lean_step.supports` the model
+    (the same arithmetic, less Python); False: through the model's forward, as captured steps do.
     """
 
     def __init__(self, model, tokenizer, *, generation_weights: str = "auto", generation_batch_size: int = 0,
                  max_length: int = 0, eos_token_ids=None, compile: bool | None = None, fp32_head: bool = False,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, lean: bool = True):
         if generation_batch_size < 0:
             raise ValueError(f"generation_batch_size must be >= 0 (0 = one batch), got {generation_batch_size}")
         if max_length < 0:
@@ -100,6 +106,7 @@ class RolloutEngine:
         self.requested_weights = generation_weights
         self._set_weights(model)
         self.fp32_head, self.return_hidden = fp32_head or return_hidden, return_hidden
+        self.lean = lean
         if self.fp32_head:
             fusable_head(model)
         forward = inspect.signature(unwrap_peft(model).forward).parameters
@@ -252,6 +259,14 @@ class RolloutEngine:
             hidden = decoder_of(module)(**inputs).last_hidden_state[:, -1]
         return fp32_logits(hidden, lm_head_of(module)), hidden
 
+    def _forward_lean(self, module, lean, input_ids, position_ids):
+        """`_forward_last` for one token per row through a LeanDecodeStep (its cache and mask)."""
+        with autocast(self.device, self.dtype):
+            hidden = lean(input_ids, position_ids)
+            if not self.fp32_head:
+                return lm_head_of(module)(hidden).float(), None
+        return fp32_logits(hidden, lm_head_of(module)), hidden
+
     def _pick(self, logits, finished, lengths, noise, sampling):
         """Next tokens [B] (pad for rows that have ended), their log-probs [B] (0 there), which
         rows have ended [B] and response lengths [B] after this token."""
@@ -263,8 +278,11 @@ class RolloutEngine:
         return tokens, logprobs, finished | torch.isin(tokens, self._eos), lengths
 
     def _decode_step(self, module, cache, last_tokens, position_ids, attention_mask, finished, lengths, noise,
-                     sampling):
-        logits, hidden = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
+                     sampling, lean=None):
+        if lean is None:
+            logits, hidden = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
+        else:
+            logits, hidden = self._forward_lean(module, lean, last_tokens, position_ids)
         return *self._pick(logits, finished, lengths, noise, sampling), hidden if self.return_hidden else None
 
     def _step_inputs(self, rows: int, cache_length: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -331,12 +349,16 @@ class RolloutEngine:
         logits, last_hidden = self._forward_last(module, cache, prompt_ids, x["attention_mask"], position_ids)
         outputs = *self._pick(logits, x["finished"], x["lengths"], noise(), sampling), last_hidden
         step = self._compiled_step()
+        lean = None
+        if self.lean and not self.compile and lean_step.supports(module, cache_length):
+            lean = lean_step.LeanDecodeStep(module)
+            lean.begin(cache, prompt_mask)
         for t in range(max_new_tokens):
             if t > 0:
                 if self.compile:
                     torch.compiler.cudagraph_mark_step_begin()
                 outputs = step(module, cache, x["last_tokens"], x["position_ids"], x["attention_mask"],
-                               x["finished"], x["lengths"], noise(), sampling)
+                               x["finished"], x["lengths"], noise(), sampling, lean)
                 x["position_ids"] += 1
             # copied out at once: a captured step's outputs are overwritten by its next replay
             new_tokens, new_logprobs, new_finished, new_lengths, new_hidden = outputs

@@ -1,0 +1,115 @@
+"""The lean decode step against outside references, on every layout it claims (Llama, Qwen2, Qwen3,
+Mistral): HF `generate`'s greedy tokens, and, sampling, the same tokens, log-probs and hidden states
+as the engine decoding through the model's own forward; layouts it does not claim fall back to that
+forward and still decode HF's tokens."""
+import pytest
+import torch
+
+from helpers import randomize_lora, tiny_config
+
+from rlhf_fast.data import pad_batch
+from rlhf_fast.models.adapters import add_lora
+from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.models.logprobs import sequence_logprobs
+from rlhf_fast.rollout import RolloutEngine, lean_step
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LAYOUTS = ["llama", "qwen2", "qwen3", "mistral"]
+PROMPT_LENGTHS = [5, 11, 2, 8]
+# |engine - trainer| log-prob bound in fp32 (as tests/test_rollout_engine.py)
+LOGPROB_TOL = 2e-5 if DEVICE.type == "cpu" else 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir, padding_side="left")
+
+
+def saved_policy(architecture, tokenizer, path, lora=True, **config_changes):
+    """A tiny model of `architecture` saved and loaded like a user's (fp32), with a random LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(architecture, vocab_size=len(tokenizer))
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = load_causal_lm(path, device=DEVICE, dtype="fp32")
+    return randomize_lora(add_lora(model, "policy", r=4, alpha=8), seed=1) if lora else model
+
+
+def prompts_for(tokenizer, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    low = max(tokenizer.all_special_ids) + 1
+    return [torch.randint(low, len(tokenizer), (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_greedy(model, tokenizer, prompts, max_new_tokens):
+    ids, mask = pad_batch(prompts, tokenizer.pad_token_id, side="left")
+    return model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=False,
+                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """How many decode steps went through LeanDecodeStep."""
+    calls = []
+    step = lean_step.LeanDecodeStep.__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return step(self, *args)
+
+    monkeypatch.setattr(lean_step.LeanDecodeStep, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("weights", ["merged_copy", "lora"])
+@pytest.mark.parametrize("architecture", LAYOUTS)
+def test_lean_greedy_decoding_equals_hf_generate(architecture, weights, tokenizer, tmp_path, lean_calls):
+    model = saved_policy(architecture, tokenizer, tmp_path)
+    prompts = prompts_for(tokenizer)
+    rollout = RolloutEngine(model, tokenizer, generation_weights=weights, compile=False).sample(
+        prompts, max_new_tokens=9, do_sample=False)
+    assert len(lean_calls) == 8, "every step after the prefill goes through the lean step"
+    assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 9))
+
+
+@pytest.mark.parametrize("architecture", LAYOUTS)
+def test_lean_sampling_draws_what_the_models_forward_draws(architecture, tokenizer, tmp_path, lean_calls):
+    """Same seed, both paths: the same tokens, log-probs and hidden states (within fp32 rounding: the
+    arithmetic is the same, only how it is called differs), and the trainer's log-probs."""
+    model = saved_policy(architecture, tokenizer, tmp_path)
+    prompts = prompts_for(tokenizer, seed=3)
+    rollouts = {}
+    for lean in (True, False):
+        engine = RolloutEngine(model, tokenizer, generation_weights="lora", compile=False, return_hidden=True,
+                               lean=lean)
+        rollouts[lean] = engine.sample(prompts, max_new_tokens=8, temperature=0.8, top_p=0.9, num_samples=2,
+                                       generator=torch.Generator(DEVICE).manual_seed(7))
+    assert len(lean_calls) == 7
+    lean, forward = rollouts[True], rollouts[False]
+    assert torch.equal(lean.input_ids, forward.input_ids)
+    assert (lean.logprobs - forward.logprobs).abs().max().item() < 1e-6
+    scale = forward.response_hidden.abs().max().item()
+    assert (lean.response_hidden - forward.response_hidden).abs().max().item() < 1e-6 * scale
+    trainer, _ = sequence_logprobs(model, lean.input_ids, lean.attention_mask, response_start=lean.prompt_length,
+                                   temperature=0.8)
+    assert (lean.logprobs - trainer).abs().max().item() < LOGPROB_TOL
+
+
+@pytest.mark.parametrize("architecture,changes,lean", [
+    ("gpt2", {}, False),                          # learned positions, fused qkv: not a layout it claims
+    ("mistral", {"sliding_window": 8}, False),    # a window narrower than the cache (2 + 11 + 9 slots)
+    ("mistral", {"sliding_window": 32}, True),    # a window wider than the cache: attention is whole
+])
+def test_other_layouts_fall_back_to_the_models_forward(architecture, changes, lean, tokenizer, tmp_path,
+                                                       lean_calls):
+    model = saved_policy(architecture, tokenizer, tmp_path, lora=False, **changes)
+    prompts = prompts_for(tokenizer, seed=5)
+    cache_length = max(PROMPT_LENGTHS) + 9
+    assert lean_step.supports(model, cache_length) is lean
+    rollout = RolloutEngine(model, tokenizer, compile=False).sample(prompts, max_new_tokens=9, do_sample=False)
+    assert len(lean_calls) == (8 if lean else 0)
+    assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 9))
