@@ -130,6 +130,9 @@ run_step bench.logprobs 130 "$py" -m bench.logprobs --device cuda --quick --entr
 run_step bench.linear_ppo 60 "$py" -m bench.linear_ppo
 run_step bench.gae 30 "$py" -m bench.gae
 run_step bench.ppo_loss 25 "$py" -m bench.ppo_loss
+# the rollout engine's decode paths (merged copy, low-rank, HF generate) at the 1B shape: what issue 12's
+# choice of generation weights reads; last of the benches, it takes what the budget has left
+run_step bench.rollout 120 "$py" -m bench.rollout --reps 2
 
 # 3. every kernel against its fp64 reference, one line each (the smoke test a user runs; the suite
 #    above covers it, so it goes last)

@@ -32,7 +32,7 @@ def tiny_config(architecture: str, vocab_size: int = 211):
             "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[architecture]
     extra = {"sliding_window": None} if architecture == "mistral" else {}
     if architecture == "qwen3":
-        extra["head_dim"] = 8
+        extra["head_dim"] = 16  # not hidden / heads: the projections' width is heads x head_dim
     return make(**common, intermediate_size=64, num_key_value_heads=2, **extra)
 
 

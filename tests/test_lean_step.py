@@ -25,7 +25,7 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir, padding_side="left")
 
 
-def saved_policy(architecture, tokenizer, path, lora=True, **config_changes):
+def saved_policy(architecture, tokenizer, path, lora=True, attn="auto", **config_changes):
     """A tiny model of `architecture` saved and loaded like a user's (fp32), with a random LoRA."""
     from transformers import AutoModelForCausalLM
 
@@ -34,7 +34,7 @@ def saved_policy(architecture, tokenizer, path, lora=True, **config_changes):
         setattr(config, key, value)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    model = load_causal_lm(path, device=DEVICE, dtype="fp32")
+    model = load_causal_lm(path, device=DEVICE, dtype="fp32", attn=attn)
     return randomize_lora(add_lora(model, "policy", r=4, alpha=8), seed=1) if lora else model
 
 
@@ -76,40 +76,46 @@ def test_lean_greedy_decoding_equals_hf_generate(architecture, weights, tokenize
     assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 9))
 
 
+@pytest.mark.parametrize("weights", ["merged_copy", "lora"])
 @pytest.mark.parametrize("architecture", LAYOUTS)
-def test_lean_sampling_draws_what_the_models_forward_draws(architecture, tokenizer, tmp_path, lean_calls):
+def test_lean_sampling_draws_what_the_models_forward_draws(architecture, weights, tokenizer, tmp_path, lean_calls):
     """Same seed, both paths: the same tokens, log-probs and hidden states (within fp32 rounding: the
-    arithmetic is the same, only how it is called differs), and the trainer's log-probs."""
+    arithmetic is the same, only how it is called differs; on the CPU with transformers 5.24 the
+    same bits), and the trainer's log-probs."""
     model = saved_policy(architecture, tokenizer, tmp_path)
     prompts = prompts_for(tokenizer, seed=3)
     rollouts = {}
     for lean in (True, False):
-        engine = RolloutEngine(model, tokenizer, generation_weights="lora", compile=False, return_hidden=True,
+        engine = RolloutEngine(model, tokenizer, generation_weights=weights, compile=False, return_hidden=True,
                                lean=lean)
         rollouts[lean] = engine.sample(prompts, max_new_tokens=8, temperature=0.8, top_p=0.9, num_samples=2,
                                        generator=torch.Generator(DEVICE).manual_seed(7))
     assert len(lean_calls) == 7
     lean, forward = rollouts[True], rollouts[False]
     assert torch.equal(lean.input_ids, forward.input_ids)
-    assert (lean.logprobs - forward.logprobs).abs().max().item() < 1e-6
+    assert (lean.logprobs - forward.logprobs).abs().max().item() < 1e-5
     scale = forward.response_hidden.abs().max().item()
-    assert (lean.response_hidden - forward.response_hidden).abs().max().item() < 1e-6 * scale
+    assert (lean.response_hidden - forward.response_hidden).abs().max().item() < 1e-5 * scale
     trainer, _ = sequence_logprobs(model, lean.input_ids, lean.attention_mask, response_start=lean.prompt_length,
                                    temperature=0.8)
     assert (lean.logprobs - trainer).abs().max().item() < LOGPROB_TOL
 
 
-@pytest.mark.parametrize("architecture,changes,lean", [
-    ("gpt2", {}, False),                          # learned positions, fused qkv: not a layout it claims
-    ("mistral", {"sliding_window": 8}, False),    # a window narrower than the cache (2 + 11 + 9 slots)
-    ("mistral", {"sliding_window": 32}, True),    # a window wider than the cache: attention is whole
+@pytest.mark.parametrize("architecture,changes,attn,lean", [
+    ("gpt2", {}, "auto", False),                      # learned positions, fused qkv: not a layout it claims
+    ("llama", {}, "eager", False),                    # eager attention: its softmax is not SDPA's
+    ("mistral", {"sliding_window": 19}, "auto", False),  # a window narrower than the cache (11 + 9 slots)
+    ("mistral", {"sliding_window": 20}, "auto", True),   # a window as wide as the cache: attention is whole
+    ("llama", {"sliding_window": 8}, "auto", False),  # a window Llama ignores, but StaticCache makes rolling layers of
 ])
-def test_other_layouts_fall_back_to_the_models_forward(architecture, changes, lean, tokenizer, tmp_path,
+def test_other_layouts_fall_back_to_the_models_forward(architecture, changes, attn, lean, tokenizer, tmp_path,
                                                        lean_calls):
-    model = saved_policy(architecture, tokenizer, tmp_path, lora=False, **changes)
+    model = saved_policy(architecture, tokenizer, tmp_path, lora=False, attn=attn, **changes)
     prompts = prompts_for(tokenizer, seed=5)
-    cache_length = max(PROMPT_LENGTHS) + 9
-    assert lean_step.supports(model, cache_length) is lean
     rollout = RolloutEngine(model, tokenizer, compile=False).sample(prompts, max_new_tokens=9, do_sample=False)
     assert len(lean_calls) == (8 if lean else 0)
-    assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 9))
+    forward = RolloutEngine(model, tokenizer, compile=False, lean=False).sample(prompts, max_new_tokens=9,
+                                                                                do_sample=False)
+    assert torch.equal(rollout.input_ids, forward.input_ids)
+    if architecture != "llama" or not changes:  # (the rolling cache keeps 8 slots: not what generate keeps)
+        assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 9))

@@ -1,5 +1,6 @@
 """The rollout engine's captured decode step (torch.compile, mode "reduce-overhead": CUDA graphs)
-on a GPU, against the same engine run eagerly and against the trainer's log-probs."""
+on a GPU, against the same engine run eagerly (through the model's forward, and through the lean
+decode step, which eager decoding of a Llama-layout model takes) and against the trainer's log-probs."""
 import copy
 
 import pytest
@@ -20,14 +21,15 @@ def lora_policy(model_dir, dtype):
                           seed=1)
 
 
+@pytest.mark.parametrize("lean", [False, True], ids=["forward", "lean"])
 @pytest.mark.parametrize("weights", ["merged_copy", "lora"])
-def test_captured_decode_equals_eager_across_optimizer_steps(tiny_model_dir, weights):
+def test_captured_decode_equals_eager_across_optimizer_steps(tiny_model_dir, weights, lean):
     tokenizer = load_tokenizer(tiny_model_dir, padding_side="left")
     policy = lora_policy(tiny_model_dir, "fp32")
     base = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" not in n}
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, len(tokenizer), (n,), generator=generator).tolist() for n in (5, 12, 3)]
-    eager = RolloutEngine(policy, tokenizer, generation_weights=weights, compile=False)
+    eager = RolloutEngine(policy, tokenizer, generation_weights=weights, compile=False, lean=lean)
     captured = RolloutEngine(policy, tokenizer, generation_weights=weights, compile=True, max_length=64)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.1)
     counters = torch._dynamo.utils.counters["stats"]
@@ -62,7 +64,8 @@ def fp64_logprobs(model, rollout, temperature):
     return picked * rollout.response_mask
 
 
-def test_captured_decode_with_the_fp32_head_is_as_accurate_as_the_trainer_in_bf16(tiny_model_dir):
+@pytest.mark.parametrize("lean", [False, True], ids=["forward", "lean"])
+def test_captured_decode_with_the_fp32_head_is_as_accurate_as_the_trainer_in_bf16(tiny_model_dir, lean):
     """fp32_head + return_hidden (old_logprobs "rollout") on CUDA in bf16: the captured step, with its
     torch.mm(out_dtype=fp32) head, gives the eager step's tokens, log-probs and hidden states, and its
     sampled tokens' log-probs are within 2x of the trainer's own distance from an fp64 forward (the
@@ -71,7 +74,7 @@ def test_captured_decode_with_the_fp32_head_is_as_accurate_as_the_trainer_in_bf1
     policy = lora_policy(tiny_model_dir, "bf16")
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, len(tokenizer), (n,), generator=generator).tolist() for n in (5, 12, 3)]
-    eager = RolloutEngine(policy, tokenizer, compile=False, return_hidden=True)
+    eager = RolloutEngine(policy, tokenizer, compile=False, return_hidden=True, lean=lean)
     captured = RolloutEngine(policy, tokenizer, compile=True, max_length=64, return_hidden=True)
     expected = eager.sample(prompts, max_new_tokens=16, do_sample=False)
     got = captured.sample(prompts, max_new_tokens=16, do_sample=False)

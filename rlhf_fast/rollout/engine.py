@@ -11,7 +11,7 @@ One call of `RolloutEngine.sample`:
   4. assemble the `Rollout`, with the log-prob each sampled token was drawn with (and, asked for,
      the trunk's final hidden state before each response token: `return_hidden`).
 Uncaptured decode steps of Llama-layout models run through `LeanDecodeStep` (lean_step.py), the
-model's own modules without transformers' per-call machinery; the prefill always through the
+model's own modules without transformers' per-call machinery; the prefill always goes through the
 model's forward.
 Position ids are cumsum(attention_mask) - 1, as `models.trunk.last_hidden` makes them in
 training, so a token is scored at the position it was sampled at.
@@ -248,22 +248,18 @@ class RolloutEngine:
         return cache
 
     # 3. decode
-    def _forward_last(self, module, cache, input_ids, attention_mask, position_ids):
+    def _forward_last(self, module, cache, input_ids, attention_mask, position_ids, lean=None):
         """(fp32 logits [B, V] of the last position, its final hidden state [B, D] where fp32_head,
-        else None), the KV cache filled in place."""
+        else None), the KV cache filled in place; through `lean` (a LeanDecodeStep holding its
+        own mask) where given, one token per row."""
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                       **{self._cache_arg: cache})
         with autocast(self.device, self.dtype):
-            if not self.fp32_head:
+            if lean is None and not self.fp32_head:  # the model's own head, whatever it does
                 return module(**inputs, logits_to_keep=1).logits[:, -1].float(), None
-            hidden = decoder_of(module)(**inputs).last_hidden_state[:, -1]
-        return fp32_logits(hidden, lm_head_of(module)), hidden
-
-    def _forward_lean(self, module, lean, input_ids, position_ids):
-        """`_forward_last` for one token per row through a LeanDecodeStep (its cache and mask)."""
-        with autocast(self.device, self.dtype):
-            hidden = lean(input_ids, position_ids)
-            if not self.fp32_head:
+            hidden = (decoder_of(module)(**inputs).last_hidden_state[:, -1] if lean is None else
+                      lean(input_ids, position_ids))
+            if not self.fp32_head:  # a lean layout's head is a plain linear layer
                 return lm_head_of(module)(hidden).float(), None
         return fp32_logits(hidden, lm_head_of(module)), hidden
 
@@ -279,10 +275,7 @@ class RolloutEngine:
 
     def _decode_step(self, module, cache, last_tokens, position_ids, attention_mask, finished, lengths, noise,
                      sampling, lean=None):
-        if lean is None:
-            logits, hidden = self._forward_last(module, cache, last_tokens, attention_mask, position_ids)
-        else:
-            logits, hidden = self._forward_lean(module, lean, last_tokens, position_ids)
+        logits, hidden = self._forward_last(module, cache, last_tokens, attention_mask, position_ids, lean)
         return *self._pick(logits, finished, lengths, noise, sampling), hidden if self.return_hidden else None
 
     def _step_inputs(self, rows: int, cache_length: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -349,10 +342,8 @@ class RolloutEngine:
         logits, last_hidden = self._forward_last(module, cache, prompt_ids, x["attention_mask"], position_ids)
         outputs = *self._pick(logits, x["finished"], x["lengths"], noise(), sampling), last_hidden
         step = self._compiled_step()
-        lean = None
-        if self.lean and not self.compile and lean_step.supports(module, cache_length):
-            lean = lean_step.LeanDecodeStep(module)
-            lean.begin(cache, prompt_mask)
+        lean = (lean_step.after_prefill(module, cache, prompt_mask, cache_length) if self.lean and not self.compile
+                else None)
         for t in range(max_new_tokens):
             if t > 0:
                 if self.compile:

@@ -11,13 +11,14 @@ It runs the model's own modules (embeddings, norms, q/k/v/o projections, the MLP
 embedding), so a generation view's merged or low-rank layers, RoPE scaling and the norms' own
 arithmetic are the model's; what it writes itself is the part between them: RoPE applied with the
 model's `apply_rotary_pos_emb`, the new key and value written into the prefill's `StaticCache`
-slot, and attention over the cache (SDPA, the query heads grouped by key-value head as
-transformers' SDPA path does for one query token), against a boolean mask kept across steps
-(the prompt's attention mask, then one more visible slot per step).
+slot, and SDPA over the cache with the query heads grouped by key-value head (the layout
+transformers 5.24's SDPA path also uses for one query token; earlier releases repeat the keys and
+values per query head, the same sums in another kernel call), against a boolean mask kept across
+steps (the prompt's attention mask, then one more visible slot per step).
 
 Layouts reproduced (`supports`): the pre-norm residual decoder of Llama, Mistral, Qwen2 and Qwen3
-(Qwen3's per-head q/k norms included); a sliding window only where the cache is no longer than it.
-Any other model decodes through its own forward.
+(Qwen3's per-head q/k norms included), with SDPA attention; a sliding window only where the cache
+is no longer than it. Any other model decodes through its own forward.
 """
 import sys
 
@@ -46,10 +47,12 @@ def sliding_window(model) -> int | None:
 
 def supports(model, cache_length: int) -> bool:
     """Whether `LeanDecodeStep` computes what `model`'s own forward computes for a cache of
-    `cache_length` slots. A sharded (FSDP2) model never: its layers gather their weights in
+    `cache_length` slots. Not for eager or flex attention (eager's softmax runs in fp32 where
+    SDPA's need not), and never for a sharded (FSDP2) model: its layers gather their weights in
     forward hooks that calling the projections directly would skip."""
-    base = unwrap_peft(model)
-    if getattr(base.config, "model_type", None) not in LAYOUTS or is_sharded(model):
+    config = unwrap_peft(model).config
+    if (getattr(config, "model_type", None) not in LAYOUTS or getattr(config, "_attn_implementation", None) != "sdpa"
+            or is_sharded(model)):
         return False
     decoder = decoder_of(model)
     if not all(hasattr(decoder, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
@@ -59,8 +62,27 @@ def supports(model, cache_length: int) -> bool:
             return False
         if not all(hasattr(layer.self_attn, name) for name in ATTENTION_PARTS):
             return False
+    if not hasattr(sys.modules[type(decoder.layers[0].self_attn).__module__], "apply_rotary_pos_emb"):
+        return False
     window = sliding_window(model)
     return window is None or cache_length <= window
+
+
+def after_prefill(model, cache, prompt_mask: torch.Tensor, cache_length: int) -> "LeanDecodeStep | None":
+    """A LeanDecodeStep continuing from `cache`, a transformers StaticCache of `cache_length` slots
+    that the model's forward has just filled with the prompts [B, P], or None where the model's
+    forward must go on decoding: `supports` says no, or the cache is not one full-length key and
+    value tensor per layer (a config that declares a sliding window gets shorter, rolling layers)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not supports(model, cache_length):
+        return None
+    full_length = [getattr(layer, part, None) is not None and getattr(layer, part).shape[2] == cache_length
+                   for layer in layers for part in ("keys", "values")]
+    if not all(full_length):
+        return None
+    step = LeanDecodeStep(model)
+    step.begin(cache, prompt_mask)
+    return step
 
 
 class LeanDecodeStep:
@@ -103,6 +125,8 @@ class LeanDecodeStep:
         return self.decoder.norm(x)[:, -1]
 
     def _attend(self, attention, x, cos, sin, keys, values):
+        """The attention block's output [B, 1, D] for its normed input x [B, 1, D]; the new key and
+        value [B, Hkv, 1, d] written into keys / values [B, Hkv, C, d] at this step's slot."""
         rows = x.shape[0]
         heads = (rows, 1, -1, self.head_dim)
         q, k = attention.q_proj(x).view(heads), attention.k_proj(x).view(heads)

@@ -1,0 +1,172 @@
+"""Bench: the rollout engine's decode paths against HF `generate`, sampling one PPO rollout batch.
+
+One call samples bench.ppo_step's rollout batch (its shapes and fixtures: `batch` prompts of
+`prompt_tokens` words, `new_tokens` new tokens at temperature 1, never ending early since the
+tokenizer's EOS is one past the model's vocabulary) from a LoRA policy (r16 on every linear layer,
+random A and B), through
+  - hf generate (peft LoRA): transformers' `generate` on the PeftModel (unmerged LoRA, its default
+    cache): what the stages called before the engine, and what TRL's PPOTrainer calls;
+  - engine merged_copy, engine lora: `RolloutEngine` with each `generation_weights` option, as a
+    stage runs it (CUDA: the captured decode step; the CPU: eager, through `LeanDecodeStep`);
+  - engine merged_copy (model forward), CPU only: decode steps through the model's forward
+    (`lean=False`), the path `LeanDecodeStep` replaces.
+Before timing, each engine path decodes greedily and its tokens are compared with HF generate's:
+equal in fp32 (asserted), the share of equal tokens recorded in half precision. Tokens per second =
+batch x new tokens / median seconds per call. On the CPU the providers take turns call by call
+(bench.common.interleaved_ms), so that the shared machine's background load falls on all alike; on
+CUDA each provider warms up (the captured step's compilation), then is timed alone, synchronised.
+
+    .venv/bin/python -m bench.rollout [--shape tiny|llama-3.2-1b|llama-3.1-8b] [--reps N] [--results-dir DIR]
+
+Default: tiny on the CPU (9 calls each), llama-3.2-1b on CUDA (3). bench/results/rollout-<device>.json
+and the README tables (bench.common.write_results), or DIR with --results-dir.
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import environment, interleaved_ms, write_results
+from bench.ppo_step import LORA, SEED, SHAPES, build_fixtures, shape_label
+
+BENCH = "rollout"
+HF, MERGED, LORA_PATH, MERGED_FORWARD = ("hf generate (peft LoRA)", "engine merged_copy", "engine lora",
+                                         "engine merged_copy (model forward)")
+GREEDY_TOKENS = 8  # the correctness check's response length
+
+
+def load_policy(fixtures: dict, device: str, dtype: str):
+    """The saved base with a LoRA adapter of random A and B (a fresh B is 0: merged = base)."""
+    from rlhf_fast.models.adapters import add_lora
+    from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(fixtures["model"], padding_side="left")
+    model = load_causal_lm(fixtures["model"], device=device, dtype=dtype)
+    policy = add_lora(model, "policy", r=LORA["r"], alpha=LORA["alpha"], target_modules=LORA["target_modules"])
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return policy.eval(), tokenizer
+
+
+def prompt_ids(fixtures: dict, tokenizer, batch: int) -> list[list[int]]:
+    lines = Path(fixtures["prompts"]).read_text().splitlines()[:batch]
+    return [tokenizer(json.loads(line)["prompt"])["input_ids"] for line in lines]
+
+
+def samplers(policy, tokenizer, prompts, new_tokens: int, device: str) -> dict:
+    """{provider: call(greedy: bool, new_tokens) -> token ids [B, new_tokens]}."""
+    from rlhf_fast.data import pad_batch
+    from rlhf_fast.rollout import RolloutEngine
+
+    ids, mask = (t.to(device) for t in pad_batch(prompts, tokenizer.pad_token_id, side="left"))
+
+    def hf(greedy, count):
+        out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=not greedy, max_new_tokens=count,
+                              temperature=1.0,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return out[:, ids.shape[1]:]
+
+    def engine_call(engine):
+        def call(greedy, count):
+            rollout = engine.sample(prompts, max_new_tokens=count, do_sample=not greedy)
+            return rollout.input_ids[:, rollout.prompt_length:]
+        return call
+
+    # a fixed cache length, as PPO's max_length: the greedy check and the timed calls share one capture
+    length = ids.shape[1] + new_tokens
+    calls = {HF: hf,
+             MERGED: engine_call(RolloutEngine(policy, tokenizer, generation_weights="merged_copy", max_length=length)),
+             LORA_PATH: engine_call(RolloutEngine(policy, tokenizer, generation_weights="lora", max_length=length))}
+    if device == "cpu":
+        calls[MERGED_FORWARD] = engine_call(RolloutEngine(policy, tokenizer, generation_weights="merged_copy",
+                                                          max_length=length, lean=False))
+    return calls
+
+
+def greedy_agreement(calls: dict) -> dict[str, float]:
+    """Each engine path's share of HF generate's greedy tokens (the same tokens in the same places)."""
+    with torch.no_grad():
+        reference = calls[HF](True, GREEDY_TOKENS)
+        return {name: (call(True, GREEDY_TOKENS) == reference).double().mean().item()
+                for name, call in calls.items() if name != HF}
+
+
+def timed(calls: dict, new_tokens: int, device: str, reps: int) -> dict[str, tuple[float, float, float]]:
+    """{provider: (median, p20, p80) ms per sampling call}. On CUDA a plain synchronised loop:
+    triton's do_bench (bench.common.time_ms) would first run a 1 s call five times to size its reps."""
+    sampled = {name: (lambda call=call: call(False, new_tokens)) for name, call in calls.items()}
+    if device == "cpu":
+        with torch.no_grad():
+            return interleaved_ms(sampled, warmup=1, rep=reps)
+    out = {}
+    for name, call in sampled.items():
+        with torch.no_grad():
+            call()  # the captured step's compilation, the allocator's first fill
+            torch.cuda.synchronize()
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                samples.append((time.perf_counter() - start) * 1e3)
+        samples.sort()
+        out[name] = (statistics.median(samples), samples[round(0.2 * (reps - 1))], samples[round(0.8 * (reps - 1))])
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="default: tiny on the CPU, llama-3.2-1b on CUDA")
+    parser.add_argument("--reps", type=int, help="timed calls per provider (default 9 on the CPU, 3 on CUDA)")
+    parser.add_argument("--results-dir", type=Path, help="write the JSON here; bench/results and the tables untouched")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = SHAPES[args.shape or ("llama-3.2-1b" if device == "cuda" else "tiny")]
+    reps = args.reps or (3 if device == "cuda" else 9)
+    dtype = "bf16" if device == "cuda" else "fp32"
+    label = shape_label(shape, dtype)
+    with tempfile.TemporaryDirectory() as workdir:
+        fixtures = build_fixtures(shape, device, torch.bfloat16 if dtype == "bf16" else torch.float32, Path(workdir))
+        policy, tokenizer = load_policy(fixtures, device, dtype)
+        prompts = prompt_ids(fixtures, tokenizer, shape.batch)
+        calls = samplers(policy, tokenizer, prompts, shape.new_tokens, device)
+        agreement = greedy_agreement(calls)
+        if dtype == "fp32":
+            wrong = {name: share for name, share in agreement.items() if share != 1.0}
+            assert not wrong, f"greedy tokens differ from HF generate's in fp32: {wrong}"
+        times = timed(calls, shape.new_tokens, device, reps)
+    tokens = shape.batch * shape.new_tokens
+    rows = []
+    for name, (median, p20, p80) in times.items():
+        rate = f"{tokens / median * 1e3:.0f} tok/s; {times[HF][0] / median:.2f}x HF generate's speed"
+        if name != HF:
+            rate += f"; greedy = HF's on {agreement[name]:.1%} of tokens"
+        rows.append({"shape": label, "mode": "sample", "provider": name, "median_ms": median, "p20_ms": p20,
+                     "p80_ms": p80, "tokens_per_s": tokens / median * 1e3, "rate": rate, "status": "ok",
+                     **({} if name == HF else {"greedy_agreement": agreement[name]})})
+    if device == "cpu":
+        rows += [{"shape": shape_label(SHAPES[name], "bf16") + " (GPU)", "mode": "sample", "provider": "all",
+                  "status": "not run (no CUDA device)"} for name in ("llama-3.2-1b", "llama-3.1-8b")]
+    meta = {"threads": torch.get_num_threads(), "reps": reps, "lora": LORA,
+            "sampling": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "new_tokens": shape.new_tokens}}
+    if args.results_dir:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        path = args.results_dir / f"{BENCH}-{device}.json"
+        path.write_text(json.dumps({"bench": BENCH, **environment(device), **meta, "rows": rows}, indent=1))
+    else:
+        path = write_results(BENCH, device, rows, **meta)
+    for row in rows:
+        print(row.get("provider"), row.get("median_ms"), row.get("rate") or row.get("status"))
+    print(f"{BENCH}: results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
