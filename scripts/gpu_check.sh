@@ -11,6 +11,8 @@
 # Triton, transformers, peft and pytest (pytest-xdist is used when present). Installed or a plain
 # checkout: when `import rlhf_fast.kernels` does not resolve to this checkout's kernels/, the folder
 # bench/plain_checkout/ goes on PYTHONPATH and maps it there (nothing is pip-installed).
+# Offline peers: wheels in .whl/ (scripts/gpu_wheels.sh downloads them where there is network; carry the
+# folder with the checkout) are installed into a scratch directory for this run and put on PYTHONPATH.
 # Logs: $OUT/gpu-check-<gpu>/ when OUT is set, else bench/results/gpu-check-<gpu>/: one log per step,
 # pytest.xml, steps.tsv, environment.txt, and results/ (the JSON files this run wrote).
 # Time: GPU_CHECK_BUDGET_S (default 480) bounds the whole run; each step has its own limit, cut to what
@@ -35,6 +37,16 @@ command -v "$py" >/dev/null || die "no Python at '$py' (set PYTHON=/path/to/pyth
 # Offline, compiled Triton, logs that survive a timeout.
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+# Carried wheels (pure Python, no dependencies resolved: the image has them) for this run only.
+wheels_note="no carried wheels (.whl/ is empty or absent)"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site=${TMPDIR:-/tmp}/rlhf-fast-gpu-site
+  "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+    || die "cannot install the wheels in .whl/ with $py"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  wheels_note="installed to $site: $(cd .whl && ls -1 *.whl | tr '\n' ' ')"
+fi
 
 # rlhf_fast.kernels from this checkout: installed (editable) here, or through the plain-checkout shim.
 kernels_dir() {
@@ -78,6 +90,7 @@ record() {  # record NAME STATUS SECONDS NOTE: one line of steps.tsv
   printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$log/steps.tsv"
 }
 record import ok "" "$import_mode"
+record wheels ok "" "$wheels_note"
 
 failed=0
 run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcome, never stop the check
@@ -128,11 +141,12 @@ else
 fi
 run_step bench.logprobs 130 "$py" -m bench.logprobs --device cuda --quick --entropy
 run_step bench.linear_ppo 60 "$py" -m bench.linear_ppo
+# the rollout engine's decode paths (merged copy, low-rank, HF generate) at the 1B shape: what issue 12's
+# choice of generation weights reads
+run_step bench.rollout 120 "$py" -m bench.rollout --reps 2
+# last, what no open target waits for (both measured on the H200 at ee2dccd): they take what is left
 run_step bench.gae 30 "$py" -m bench.gae
 run_step bench.ppo_loss 25 "$py" -m bench.ppo_loss
-# the rollout engine's decode paths (merged copy, low-rank, HF generate) at the 1B shape: what issue 12's
-# choice of generation weights reads; last of the benches, it takes what the budget has left
-run_step bench.rollout 120 "$py" -m bench.rollout --reps 2
 
 # 3. every kernel against its fp64 reference, one line each (the smoke test a user runs; the suite
 #    above covers it, so it goes last)
