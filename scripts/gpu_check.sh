@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu_check: everything a GPU machine can tell about this checkout, in one command, offline, within
-# 8 minutes on one H100: the whole test suite on CUDA (gpu-marked tests included), every bench at its
+# 9 minutes on one H100: the whole test suite on CUDA (gpu-marked tests included), every bench at its
 # GPU shapes (Liger-Kernel and cut-cross-entropy where installed, "not installed" rows otherwise),
 # bench/results/*-<gpu>.json and the README tables regenerated, then a summary, printed last: tests
 # passed/failed, each step's outcome, each DESIGN.md target met or not and by how much.
@@ -15,13 +15,13 @@
 # folder with the checkout) are installed into a scratch directory for this run and put on PYTHONPATH.
 # Logs: $OUT/gpu-check-<gpu>/ when OUT is set, else bench/results/gpu-check-<gpu>/: one log per step,
 # pytest.xml, steps.tsv, environment.txt, and results/ (the JSON files this run wrote).
-# Time: GPU_CHECK_BUDGET_S (default 480) bounds the whole run; each step has its own limit, cut to what
+# Time: GPU_CHECK_BUDGET_S (default 540) bounds the whole run; each step has its own limit, cut to what
 # the budget has left (a step that would get under 15 s is skipped and says so).
 # Exit status: 0 when every step ran clean, 1 when one failed or timed out, 2 when it cannot start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd -P)
-budget=${GPU_CHECK_BUDGET_S:-480}
+budget=${GPU_CHECK_BUDGET_S:-540}
 reserve=30  # kept back for the tables, the copy and the summary
 start_epoch=$(date +%s)
 SECONDS=0
@@ -122,19 +122,20 @@ run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcom
 # 1. the test suite on CUDA (conftest.py runs gpu-marked tests when CUDA is there); the torchrun tests
 #    (gloo ranks on the CPU by design) and the README demo check (CPU figures, skipped on CUDA) are CI's
 xdist=()
-if "$py" -c 'import xdist' 2>/dev/null; then xdist=(-n 6); fi
-run_step pytest 150 "$py" -m pytest -q -p no:cacheprovider --durations=10 --junitxml="$log/pytest.xml" \
+if "$py" -c 'import xdist' 2>/dev/null; then xdist=(-n 12); fi  # of the machine's 16 cores
+run_step pytest 120 "$py" -m pytest -q -p no:cacheprovider --durations=10 --junitxml="$log/pytest.xml" \
   ${xdist[@]+"${xdist[@]}"} --ignore=tests/test_distributed.py --ignore=tests/test_readme_demo.py tests
 
 # 2. the benches at their GPU shapes, the ones DESIGN.md's targets read first; token_logprobs at the
 #    target shape, with and without entropy (writes its results after every mode)
-# the end-to-end PPO bench first: it holds issue 12's targets; 2 steady iterations + 1 warm-up fit ~150 s
-# for the PPO providers (the default, which recomputes old log-probs in bf16; the rollout's; TRL's); the
-# GRPO rows (rlhf_fast's and TRL's GRPOTrainer) are left "not run" here: `python -m bench.ppo_step
+# the end-to-end PPO bench first: it holds issue 12's targets; 2 steady iterations + 1 warm-up of the
+# default (which recomputes old log-probs in bf16) and TRL's PPOTrainer, then the rollout's old log-probs
+# (their logprob_diff decides the bf16 default): each rlhf_fast process compiles its own decode step.
+# The GRPO rows (rlhf_fast's and TRL's GRPOTrainer) are left "not run" here: `python -m bench.ppo_step
 # --providers "rlhf_fast grpo,trl GRPOTrainer"` measures them when the budget allows
 if [ -f bench/ppo_step.py ]; then
-  run_step bench.ppo_step 150 "$py" -m bench.ppo_step --iterations 2 --warmup 1 \
-    --providers "rlhf_fast ppo,rlhf_fast ppo (old_logprobs rollout),trl PPOTrainer"
+  run_step bench.ppo_step 200 "$py" -m bench.ppo_step --iterations 2 --warmup 1 \
+    --providers "rlhf_fast ppo,trl PPOTrainer,rlhf_fast ppo (old_logprobs rollout)"
 else
   record bench.ppo_step skipped "" "bench/ppo_step.py is absent"
   echo "-- bench.ppo_step: skipped (bench/ppo_step.py is absent)"

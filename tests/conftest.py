@@ -1,5 +1,6 @@
 """Test harness: where each backend's tensors live, Triton through its interpreter without CUDA, the
-`gpu` marker, a small chunk budget for the fused LM-head ops, and a tiny saved model."""
+`gpu` marker, uncompiled rollout steps outside it, a small chunk budget for the fused LM-head ops, and
+a tiny saved model."""
 import os
 
 import pytest
@@ -25,6 +26,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _uncompiled_rollout_steps(request, monkeypatch):
+    """On CUDA the rollout engine captures its decode step (torch.compile + CUDA graphs: tens of
+    seconds of compilation for each new shape or sampling setting, in every xdist worker). Outside
+    `gpu`-marked tests, which test the capture itself, the step runs uncompiled; the captured path's
+    logic (padded rows, bucketed cache, static step inputs) still runs. A test that patches
+    compile_step itself overrides this."""
+    if HAS_CUDA and request.node.get_closest_marker("gpu") is None:
+        from rlhf_fast.rollout import engine
+
+        monkeypatch.setattr(engine, "compile_step", lambda step: step)
 
 
 @pytest.fixture

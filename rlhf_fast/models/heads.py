@@ -18,7 +18,9 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden.float()).squeeze(-1)
+        # a caller's bf16/fp16 autocast would run the fp32 product in half precision
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.proj(hidden.float()).squeeze(-1)
 
     def save(self, path) -> None:
         """safetensors; non-finite weights are refused."""
