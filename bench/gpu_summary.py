@@ -68,7 +68,7 @@ def summary(device: str, log_dir: Path, results_dir: Path = RESULTS_DIR, since: 
         lines.append(f"  {name:<20}{status:<10}{took}  {note}".rstrip())
     verdicts = targets.check(device, results_dir, since)
     tally = Counter(verdict.status for verdict in verdicts)
-    lines.append(f"targets (DESIGN.md; bench/results/*-{device}.json written by this run): "
+    lines.append(f"targets (bench/targets.py; bench/results/*-{device}.json written by this run): "
                  f"{tally[targets.MET]} met, {tally[targets.NOT_MET]} not met, "
                  f"{tally[targets.NOT_MEASURED]} not measured")
     lines += ["  " + verdict.line() for verdict in verdicts]

@@ -1,4 +1,5 @@
-"""DESIGN.md's speed and memory targets, checked against bench/results/<bench>-<device>.json.
+"""The project's speed and memory targets (its design document's), checked against
+bench/results/<bench>-<device>.json.
 
 Each target reads measured rows only. Where a row it needs is absent, or two peaks do not count the
 same thing, the verdict is "not measured" with the reason: never an estimate. No torch import, so
@@ -6,7 +7,7 @@ the check runs anywhere on the JSON files.
 
     python -m bench.targets [DEVICE ...]   # results file suffixes: h200, h100-80gb-hbm3, cpu; default all
 
-Targets (DESIGN.md "Speed and memory targets"):
+Targets (the design document's "Speed and memory targets"):
   GPU, N=8192 D=4096 V=128256 bf16 -- token_logprobs fwd <= 1.10x and fwd+bwd <= 1.40x the cuBLAS
   floor (1 and 3 GEMMs, bench/logprobs.py); the loss heads linear_ppo_loss and linear_nll_loss fwd+bwd
   <= 1.15x that floor, faster than eager, torch.compile, Liger-Kernel and cut-cross-entropy, extra
