@@ -25,8 +25,8 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir, padding_side="left")
 
 
-def saved_policy(architecture, tokenizer, path, lora=True, attn="auto", **config_changes):
-    """A tiny model of `architecture` saved and loaded like a user's (fp32), with a random LoRA."""
+def saved_policy(architecture, tokenizer, path, lora=True, attn="auto", dtype="fp32", **config_changes):
+    """A tiny model of `architecture` saved and loaded like a user's, with a random LoRA."""
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(architecture, vocab_size=len(tokenizer))
@@ -34,7 +34,7 @@ def saved_policy(architecture, tokenizer, path, lora=True, attn="auto", **config
         setattr(config, key, value)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    model = load_causal_lm(path, device=DEVICE, dtype="fp32", attn=attn)
+    model = load_causal_lm(path, device=DEVICE, dtype=dtype, attn=attn)
     return randomize_lora(add_lora(model, "policy", r=4, alpha=8), seed=1) if lora else model
 
 
@@ -76,13 +76,17 @@ def test_lean_greedy_decoding_equals_hf_generate(architecture, weights, tokenize
     assert torch.equal(rollout.input_ids, hf_greedy(model, tokenizer, prompts, 9))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    DEVICE.type == "cuda", reason="CUDA's bf16 SDPA kernels differ between the two layouts; "
+                                  "test_rollout_cuda.py holds the lean step to the captured one"))])
 @pytest.mark.parametrize("weights", ["merged_copy", "lora"])
 @pytest.mark.parametrize("architecture", LAYOUTS)
-def test_lean_sampling_draws_what_the_models_forward_draws(architecture, weights, tokenizer, tmp_path, lean_calls):
-    """Same seed, both paths: the same tokens, log-probs and hidden states (within fp32 rounding: the
+def test_lean_sampling_draws_what_the_models_forward_draws(architecture, weights, dtype, tokenizer, tmp_path,
+                                                           lean_calls):
+    """Same seed, both paths: the same tokens, log-probs and hidden states (within rounding: the
     arithmetic is the same, only how it is called differs; on the CPU with transformers 5.24 the
-    same bits), and the trainer's log-probs."""
-    model = saved_policy(architecture, tokenizer, tmp_path)
+    same bits, bf16 too), and, in fp32, the trainer's log-probs."""
+    model = saved_policy(architecture, tokenizer, tmp_path, dtype=dtype)
     prompts = prompts_for(tokenizer, seed=3)
     rollouts = {}
     for lean in (True, False):
@@ -95,7 +99,9 @@ def test_lean_sampling_draws_what_the_models_forward_draws(architecture, weights
     assert torch.equal(lean.input_ids, forward.input_ids)
     assert (lean.logprobs - forward.logprobs).abs().max().item() < 1e-5
     scale = forward.response_hidden.abs().max().item()
-    assert (lean.response_hidden - forward.response_hidden).abs().max().item() < 1e-5 * scale
+    assert (lean.response_hidden - forward.response_hidden).abs().max().item() <= 1e-5 * scale
+    if dtype == "bf16":
+        return
     trainer, _ = sequence_logprobs(model, lean.input_ids, lean.attention_mask, response_start=lean.prompt_length,
                                    temperature=0.8)
     assert (lean.logprobs - trainer).abs().max().item() < LOGPROB_TOL
