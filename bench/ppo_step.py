@@ -46,7 +46,7 @@ processes alive, one running at a time), so that a shared machine's background l
     .venv/bin/python -m bench.ppo_step [--shape tiny|llama-3.2-1b|llama-3.1-8b] [--iterations N]
                                        [--warmup N] [--device cuda|cpu] [--providers LIST]
                                        [--sequential] [--generation-weights auto|merged_copy|lora]
-                                       [--gradient-checkpointing] [--results-dir DIR]
+                                       [--gradient-checkpointing] [--results-dir DIR] [--profile DIR]
 
 Default: tiny on the CPU (5 steady iterations), llama-3.2-1b on CUDA (3), 1 warm-up iteration. Issue
 12's 8B target is a 24 GB card's: `--shape llama-3.1-8b --generation-weights lora --gradient-checkpointing`
@@ -54,15 +54,21 @@ Default: tiny on the CPU (5 steady iterations), llama-3.2-1b on CUDA (3), 1 warm
 --results-dir writes the JSON there and leaves bench/results and the README tables alone (smoke runs);
 otherwise bench/results/ppo_step-<device>.json and the tables are written (bench.common.write_results)
 after each provider (or each turn), "complete": false until the last one finishes; an interrupted run
-(SIGINT, e.g. scripts/gpu_check.sh's time limit) writes what it measured and exits 130.
+(SIGINT, e.g. scripts/gpu_check.sh's time limit) writes what it measured and exits 130. --profile DIR:
+rlhf_fast's providers run their last iteration under torch.profiler and write the top ops of each
+phase to DIR/ppo_step-profile-<provider>-<device>.txt (self device time on CUDA), e.g. on a GPU:
+`--iterations 1 --providers "rlhf_fast ppo" --profile $OUT --results-dir $OUT` (a profiled iteration is
+slower: time with a run without it).
 """
 import argparse
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -219,6 +225,43 @@ class Clock:
         return time.perf_counter()
 
 
+def file_name(text: str) -> str:
+    """`text` with every run of characters other than letters, digits, '.', '_' and '-' made one '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+class PhaseProfile:
+    """--profile: torch.profiler over each phase of one iteration, the top ops of each written as a
+    table (self device time on CUDA, self CPU time on the CPU) to
+    DIR/ppo_step-profile-<provider>-<device>.txt:
+    where an iteration's time goes, read in the same run that times it. Off: a no-op context."""
+
+    ROWS = 25
+
+    def __init__(self, path: Path | None, device: str):
+        self.path, self.cuda, self.tables = path, device.startswith("cuda"), []
+
+    @contextlib.contextmanager
+    def phase(self, name: str, on: bool):
+        if self.path is None or not on:
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=activities) as prof:
+            yield
+            if self.cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        self.tables.append(f"## {name}\n" + prof.key_averages().table(sort_by=key, row_limit=self.ROWS))
+
+    def write(self) -> None:
+        if self.path is not None and self.tables:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("\n\n".join(self.tables) + "\n")
+
+
 def peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -243,7 +286,9 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprob
     """rlhf_fast's PPO (or, grpo, its GRPO: groups of 4 samples per prompt, no critic, k3 KL as a loss
     term; as many sequences per iteration), each phase timed by calling PPOTrainer's public methods in
     step()'s order; old_logprobs as PPOConfig's. Each iteration reports `rollout/logprob_diff` (engine
-    vs trainer log-probs; 0 where the old log-probs are the rollout's)."""
+    vs trainer log-probs; 0 where the old log-probs are the rollout's). With --profile the last
+    iteration's phases run under torch.profiler (PhaseProfile): its times include the profiler's
+    overhead, so time with one run and profile with another."""
     from rlhf_fast.rollout import logprob_diff
     from rlhf_fast.stages.ppo import GRPOConfig, PPOConfig, PPOTrainer
 
@@ -265,21 +310,33 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprob
         generation_weights=spec.get("generation_weights", "auto"),
         old_logprobs=old_logprobs)
     trainer = PPOTrainer(config)
+    profile_dir = spec.get("profile_dir")
+    profiler = PhaseProfile(None if profile_dir is None else
+                            Path(profile_dir) / f"{BENCH}-profile-{file_name(spec['provider'])}-{device_slug(device)}.txt",
+                            device)
     parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports)
-    for _ in range(config.iterations):
+    for iteration in range(config.iterations):
         parent.wait()
+        last = iteration == config.iterations - 1  # the one profiled (--profile), after the warm-up
         marks = [clock()]
-        rollout, rows = trainer.rollout()
+        with profiler.phase("rollout", last):
+            rollout, rows = trainer.rollout()
         marks.append(clock())
-        scores, _ = trainer.score(rollout, rows)
+        with profiler.phase("score", last):
+            scores, _ = trainer.score(rollout, rows)
         marks.append(clock())
-        experience = trainer.make_experience(rollout, scores)
+        with profiler.phase("experience", last):
+            experience = trainer.make_experience(rollout, scores)
         marks.append(clock())
-        trainer.compute_advantages(experience)
+        with profiler.phase("advantages", last):
+            trainer.compute_advantages(experience)
         marks.append(clock())
         trainer.actor.train()  # as step() does before its PPO epochs
-        trainer.train_minibatches(experience)
+        with profiler.phase("update", last):
+            trainer.train_minibatches(experience)
         marks.append(clock())
+        if last:
+            profiler.write()
         # outside the timed phases; 0 by construction where the old log-probs are the rollout's
         diff = logprob_diff(rollout.logprobs, experience.old_logprobs, rollout.response_mask)
         lengths = rollout.response_lengths
@@ -479,6 +536,7 @@ CHILDREN = {OURS: run_rlhf_fast, OURS_RECOMPUTE: functools.partial(run_rlhf_fast
 def child_main(provider: str, spec_path: str) -> None:
     """A provider's process: run it; an error ends it with a "done" message naming it."""
     spec, parent = json.loads(Path(spec_path).read_text()), Parent()
+    spec["provider"] = provider
     try:
         CHILDREN[provider](spec, parent)
     except torch.OutOfMemoryError as error:
@@ -719,6 +777,10 @@ def main(argv=None) -> int:
                              "for the 8B peak); TRL's run as they are")
     parser.add_argument("--results-dir", type=Path, help="write the JSON here only (bench/results and the "
                                                          "READMEs untouched)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="rlhf_fast's providers run their last iteration under torch.profiler and write its "
+                             "top ops per phase to DIR/ppo_step-profile-<provider>-<device>.txt (that iteration's times "
+                             "include the profiler's overhead)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -779,6 +841,7 @@ def main(argv=None) -> int:
                                              "iterations": iterations, "warmup": args.warmup, "paths": paths,
                                              "workdir": str(workdir),
                                              "gradient_checkpointing": args.gradient_checkpointing,
+                                             "profile_dir": None if args.profile is None else str(args.profile),
                                              "generation_weights": args.generation_weights}))
             # after each turn: a run stopped at a time limit keeps what it measured ("complete": false)
             drive([p for p in providers if p.key not in skipped], total, interleave,

@@ -149,3 +149,30 @@ def test_tokenizer_eos_is_outside_the_model_vocabulary_and_prompts_are_exact():
     assert all(len(row) == shape.prompt_tokens for row in ids)
     assert all(len(ppo_step.SPECIAL_TOKENS) <= i < shape.vocab for row in ids for i in row)
     assert tokenizer.decode(ids[0]) == texts[0]
+
+
+def test_profile_tables_name_each_phase_and_its_ops(tmp_path):
+    """--profile: one table per profiled phase, its ops by self time, in a file whose name survives
+    the device machine's copy-back (letters, digits, '.', '_', '-')."""
+    import torch
+
+    name = ppo_step.file_name("rlhf_fast ppo (old_logprobs rollout)")
+    assert name == "rlhf_fast-ppo-old_logprobs-rollout"
+    profile = ppo_step.PhaseProfile(tmp_path / f"ppo_step-profile-{name}-cpu.txt", "cpu")
+    a = torch.randn(64, 64)
+    with profile.phase("rollout", on=True):
+        a @ a
+    with profile.phase("score", on=False):  # not the profiled iteration
+        a + a
+    profile.write()
+    text = (tmp_path / f"ppo_step-profile-{name}-cpu.txt").read_text()
+    assert text.startswith("## rollout\n") and "## score" not in text
+    assert "aten::mm" in text
+
+
+def test_no_profile_writes_nothing(tmp_path):
+    profile = ppo_step.PhaseProfile(None, "cpu")
+    with profile.phase("rollout", on=True):
+        pass
+    profile.write()
+    assert list(tmp_path.iterdir()) == []
