@@ -788,6 +788,8 @@ def main(argv=None) -> int:
         child_main(args.child, args.spec)
         return 0
 
+    if args.profile is not None and args.results_dir is None:
+        parser.error("--profile needs --results-dir: a profiled iteration's times must not reach bench/results")
     cuda = args.device.startswith("cuda")
     shape = SHAPES[args.shape or ("llama-3.2-1b" if cuda else "tiny")]
     iterations = args.iterations if args.iterations is not None else (3 if cuda else 5)
