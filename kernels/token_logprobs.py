@@ -122,8 +122,8 @@ def chunk_stats_triton(z, bias, targets, temperature, want_entropy, ignore_index
     return logprobs, lse, entropy if want_entropy else None
 
 
-def chunk_grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
-    """Overwrite the chunk's raw logits z (M, V) with d loss / d z and return it."""
+def chunk_grad_triton(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index, scratch=None):
+    """Overwrite the chunk's raw logits z (M, V) with d loss / d z and return it. scratch: unused."""
     check_chunk("token_logprobs", z, rows=targets)
     rows, vocab = z.shape
     has_grad_entropy = grad_ent is not None
@@ -157,11 +157,11 @@ def chunk_stats_torch(z, bias, targets, temperature, want_entropy, ignore_index,
     return logprobs, lse, entropy
 
 
-def chunk_grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index):
+def chunk_grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperature, ignore_index, scratch=None):
     """Same contract as chunk_grad_triton, in fp32 torch ops (z is clobbered): log p = z / T - lse in
     place, from the forward's lse, and p = exp of it in place; without entropy the chunk buffer is
     the only (M, V) one (a softmax would make a second and pass over the chunk twice more: 27 -> 12
-    ms a 524 x 32000 chunk on the dev CPU), with entropy p is the second."""
+    ms a 524 x 32000 chunk on the dev CPU), with entropy p goes into scratch (M, V), reused."""
     counted = targets != ignore_index
     g_lp = torch.where(counted, grad_lp, 0.0).unsqueeze(-1)
     logp = scale_logits_(z, bias, temperature).sub_(lse.unsqueeze(-1))
@@ -169,7 +169,7 @@ def chunk_grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperat
         grad = logp.exp_().mul_(g_lp.neg())
     else:
         g_ent = torch.where(counted, grad_ent, 0.0).unsqueeze(-1)
-        p = torch.exp(logp)
+        p = torch.exp(logp, out=scratch)
         grad = logp.add_(entropy.unsqueeze(-1)).mul_(g_ent).add_(g_lp).mul_(p).neg_()
     grad.scatter_add_(1, targets.clamp(min=0).unsqueeze(-1), g_lp)
     if temperature != 1.0:
@@ -242,11 +242,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
         temperature, want_entropy, ignore_index, backend = ctx.config
         _, grad_fn, _ = _CHUNK_MATH[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        w, b, row_chunks, (buffer,) = chunk_plan(hidden.shape[0], weight, bias, backend, weight_grad=need_w)
         g_lp = (torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float()).contiguous()
         g_ent = None
         if want_entropy and grad_entropy is not None:
             g_ent = grad_entropy.float().contiguous()
+        n_buffers = 2 if g_ent is not None and backend == "torch" else 1  # the torch path's p, with entropy
+        w, b, row_chunks, (buffer, *scratch) = chunk_plan(hidden.shape[0], weight, bias, backend, n_buffers,
+                                                          weight_grad=need_w)
 
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = weight_grad_buffer(weight, row_chunks) if need_w else None
@@ -256,7 +258,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
             z = torch.mm(h, w.t(), out=buffer[: end - start])
             rows = slice(start, end)
             grad_z = grad_fn(z, b, targets[rows], lse[rows], entropy[rows], g_lp[rows],
-                             None if g_ent is None else g_ent[rows], temperature, ignore_index)
+                             None if g_ent is None else g_ent[rows], temperature, ignore_index,
+                             scratch[0][: end - start] if scratch else None)
             if need_h:
                 grad_hidden[rows] = grad_z @ w
             if need_w:
