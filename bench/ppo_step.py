@@ -311,9 +311,8 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprob
         old_logprobs=old_logprobs)
     trainer = PPOTrainer(config)
     profile_dir = spec.get("profile_dir")
-    profiler = PhaseProfile(None if profile_dir is None else
-                            Path(profile_dir) / f"{BENCH}-profile-{file_name(spec['provider'])}-{device_slug(device)}.txt",
-                            device)
+    profile_name = f"{BENCH}-profile-{file_name(spec['provider'])}-{device_slug(device)}.txt"
+    profiler = PhaseProfile(None if profile_dir is None else Path(profile_dir) / profile_name, device)
     parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports)
     for iteration in range(config.iterations):
         parent.wait()
@@ -779,8 +778,8 @@ def main(argv=None) -> int:
                                                          "READMEs untouched)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="rlhf_fast's providers run their last iteration under torch.profiler and write its "
-                             "top ops per phase to DIR/ppo_step-profile-<provider>-<device>.txt (that iteration's times "
-                             "include the profiler's overhead)")
+                             "top ops per phase to DIR/ppo_step-profile-<provider>-<device>.txt (that "
+                             "iteration's times include the profiler's overhead)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
