@@ -316,7 +316,7 @@ def run_rlhf_fast(spec: dict, parent: Parent, *, grpo: bool = False, old_logprob
     parent.report(event="ready", setup_s=clock() - began, rss_after_imports_mb=rss_after_imports)
     for iteration in range(config.iterations):
         parent.wait()
-        last = iteration == config.iterations - 1  # the one profiled (--profile), after the warm-up
+        last = iteration == config.iterations - 1  # the one profiled (--profile): the first if it is the only one
         marks = [clock()]
         with profiler.phase("rollout", last):
             rollout, rows = trainer.rollout()
@@ -815,6 +815,10 @@ def main(argv=None) -> int:
     trl_name = f"{TRL} {trl_version or '0.29.1'}"
     meta = {**settings(shape, dtype_name, attn, iterations, args.warmup, interleave), "versions": versions(),
             "threads": torch.get_num_threads(), "load_average_1_5_15": os.getloadavg(), "complete": False}
+    if args.profile is not None:  # rlhf_fast's last iteration ran under torch.profiler: its times are not clean
+        meta["profiled_last_iteration"] = True
+        if not any(key in (OURS, OURS_RECOMPUTE, OURS_ROLLOUT, OURS_GRPO) for key in wanted):
+            print("ppo_step: --profile profiles rlhf_fast's providers only; none is chosen", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="ppo_step-") as tmp:
         workdir = Path(tmp)
@@ -842,7 +846,8 @@ def main(argv=None) -> int:
                                              "iterations": iterations, "warmup": args.warmup, "paths": paths,
                                              "workdir": str(workdir),
                                              "gradient_checkpointing": args.gradient_checkpointing,
-                                             "profile_dir": None if args.profile is None else str(args.profile),
+                                             "profile_dir": None if args.profile is None else
+                                             str(args.profile.resolve()),
                                              "generation_weights": args.generation_weights}))
             # after each turn: a run stopped at a time limit keeps what it measured ("complete": false)
             drive([p for p in providers if p.key not in skipped], total, interleave,

@@ -148,7 +148,10 @@ def chunk_stats_torch(z, bias, targets, temperature, want_entropy, ignore_index,
     logp = torch.log_softmax(scale_logits_(z, bias, temperature), dim=-1, out=scratch)
     counted = targets != ignore_index
     picked = logp.gather(-1, targets.clamp(0, z.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
-    lse = z[:, 0] - logp[:, 0]
+    # lse = z - logp at any column; at the most probable one |logp| <= log V, so the difference keeps
+    # lse's precision (a column with a hugely negative logit, e.g. a -1e9 bias mask, would lose it all)
+    top, at = logp.max(dim=-1, keepdim=True)
+    lse = (z.gather(-1, at) - top).squeeze(-1)
     logprobs = torch.where(counted, picked, 0.0)
     entropy = None
     if want_entropy:
@@ -177,7 +180,8 @@ def chunk_grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperat
     return grad
 
 
-# backend -> (chunk stats, chunk gradient, (M, V) buffers the forward's stats need beside the logits)
+# backend -> (chunk stats, chunk gradient, (M, V) buffers of the forward, the logits' included; the
+# torch backward takes a second only for an entropy gradient)
 _CHUNK_MATH = {"torch": (chunk_stats_torch, chunk_grad_torch, 2), "triton": (chunk_stats_triton, chunk_grad_triton, 1)}
 
 

@@ -41,13 +41,20 @@ unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 # Carried wheels (pure Python, no dependencies resolved: the image has them) for this run only.
-wheels_note="no carried wheels (.whl/ is empty or absent)"
+# A failed install costs only the peers' rows ("not installed"), never the run.
+wheels_status=ok wheels_note="no carried wheels (.whl/ is empty or absent)"
 if compgen -G ".whl/*.whl" >/dev/null; then
   site=${TMPDIR:-/tmp}/rlhf-fast-gpu-site
-  "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-    || die "cannot install the wheels in .whl/ with $py"
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-  wheels_note="installed to $site: $(cd .whl && ls -1 *.whl | tr '\n' ' ')"
+  rm -rf "$site"
+  if "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+      >"${TMPDIR:-/tmp}/rlhf-fast-gpu-wheels.log" 2>&1; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    wheels_note="installed to $site: $(cd .whl && ls -1 *.whl | tr '\n' ' ')"
+  else
+    wheels_status=failed
+    wheels_note="pip could not install .whl/ ($(tail -n 1 "${TMPDIR:-/tmp}/rlhf-fast-gpu-wheels.log" | cut -c1-100))"
+    echo "gpu_check: $wheels_note; the peers will show as not installed" >&2
+  fi
 fi
 
 # rlhf_fast.kernels from this checkout: installed (editable) here, or through the plain-checkout shim.
@@ -92,7 +99,7 @@ record() {  # record NAME STATUS SECONDS NOTE: one line of steps.tsv
   printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$log/steps.tsv"
 }
 record import ok "" "$import_mode"
-record wheels ok "" "$wheels_note"
+record wheels "$wheels_status" "" "$wheels_note"
 
 failed=0
 run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcome, never stop the check

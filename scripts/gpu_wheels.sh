@@ -3,7 +3,7 @@
 # an image holding CUDA torch, Triton, transformers, peft, accelerate, pytest and pytest-xdist: the peers
 # the benches compare against (TRL 0.29.1 for bench.ppo_step, Liger-Kernel and cut-cross-entropy for the
 # loss-head benches) and what TRL imports that such an image lacks (datasets, dill, multiprocess). All
-# pure-Python wheels, the versions the dev venv tests with; 2.3 MB in all.
+# pure-Python wheels, the dev venv's versions (cut-cross-entropy: the H200 run's); 2.3 MB in all.
 #
 #   bash scripts/gpu_wheels.sh [DIR]     # default .whl/ (git-ignored)
 #

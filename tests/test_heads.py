@@ -5,15 +5,13 @@ import torch
 
 from rlhf_fast.models.heads import ScalarHead
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_scalar_head_stays_fp32_under_a_half_precision_autocast(dtype):
+def test_scalar_head_stays_fp32_under_a_half_precision_autocast(dtype, device):
     torch.manual_seed(0)
-    head = ScalarHead(256).to(DEVICE)
-    hidden = (torch.randn(4, 7, 256, device=DEVICE) * 3).to(dtype)
-    with torch.autocast(DEVICE, dtype=dtype):
+    head = ScalarHead(256).to(device)
+    hidden = (torch.randn(4, 7, 256, device=device) * 3).to(dtype)
+    with torch.autocast(device.type, dtype=dtype):
         values = head(hidden)
     values.sum().backward()
     weight, bias = head.proj.weight.double(), head.proj.bias.double()

@@ -213,3 +213,26 @@ def test_bad_inputs_fail_with_a_message():
         token_logprobs(hidden, weight, torch.full((5,), 50))
     with pytest.raises(ValueError, match="unknown backend"):
         token_logprobs(hidden, weight, targets, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_token_masked_by_a_huge_negative_bias_changes_no_gradient(backend, device):
+    """A bias of -1e9 on one vocabulary entry (a masked token, here the first: what the torch path
+    once read its log-sum-exp from) leaves the values and gradients as precise as without it: the
+    fp64 spec's within 1e-5, every logit gradient of the masked column 0."""
+    n, d, v = 37, 24, 257
+    hidden, weight, bias, targets = make_inputs(n, d, v, bias=True)
+    bias = bias.detach().clone()
+    bias[0] = -1e9
+    targets = targets.masked_fill(targets == 0, 1)
+    grad_lp = torch.randn(n)
+    h, w = leaves_on(device, hidden, weight)
+    lp, _ = token_logprobs(h, w, targets.to(device), bias=bias.to(device), backend=backend)
+    (lp * grad_lp.to(device)).sum().backward()
+    up_h, up_w = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    want, _ = reference.token_logprobs(up_h, up_w, targets, bias=bias.double())
+    (want * grad_lp.double()).sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert_rel_close(lp, want, 1e-5, "logprobs")
+    assert_rel_close(h.grad, up_h.grad, 1e-5, "d hidden")
+    assert_rel_close(w.grad, up_w.grad, 1e-5, "d weight")
