@@ -149,9 +149,9 @@ def chunk_stats_torch(z, bias, targets, temperature, want_entropy, ignore_index,
     counted = targets != ignore_index
     picked = logp.gather(-1, targets.clamp(0, z.shape[1] - 1).unsqueeze(-1)).squeeze(-1)
     # lse = z - logp at any column; at the most probable one |logp| <= log V, so the difference keeps
-    # lse's precision (a column with a hugely negative logit, e.g. a -1e9 bias mask, would lose it all)
-    top, at = logp.max(dim=-1, keepdim=True)
-    lse = (z.gather(-1, at) - top).squeeze(-1)
+    # lse's precision (a column with a hugely negative logit, e.g. a -1e9 bias mask, would lose it
+    # all). Two max passes: 2.4 ms a 524 x 32000 chunk on the dev CPU, max with indices 7 ms.
+    lse = z.amax(dim=-1) - logp.amax(dim=-1)
     logprobs = torch.where(counted, picked, 0.0)
     entropy = None
     if want_entropy:
