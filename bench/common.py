@@ -77,12 +77,14 @@ def interleaved_ms(calls, warmup, rep):
         for name, call in calls.items():
             samples[name].append(time_ms(call, "cpu", warmup=warmup, rep=1)[0])
         warmup = 0
-    out = {}
-    for name, values in samples.items():
-        values = sorted(values)
-        pick = lambda q: values[round(q * (len(values) - 1))]  # noqa: E731
-        out[name] = (statistics.median(values), pick(0.2), pick(0.8))
-    return out
+    return {name: quantiles(values) for name, values in samples.items()}
+
+
+def quantiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80), p20/p80 picked among the observed values."""
+    ordered = sorted(values)
+    pick = lambda q: ordered[round(q * (len(ordered) - 1))]  # noqa: E731
+    return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
 # What a CUDA "peak_mb" counts, recorded in each GPU results file so that figures are compared only
@@ -133,11 +135,14 @@ def child_peak_rss_mb(module: str, *args: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
-def write_results(bench: str, device: str, rows: list[dict], **meta) -> Path:
-    """Write bench/results/<bench>-<device>.json and regenerate the tables in both READMEs."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{bench}-{device_slug(device)}.json"
+def write_results(bench: str, device: str, rows: list[dict], results_dir: Path | None = None, **meta) -> Path:
+    """Write bench/results/<bench>-<device>.json and regenerate the tables in both READMEs; with
+    results_dir, <results_dir>/<bench>-<device>.json only (smoke runs: bench/results untouched)."""
+    folder = RESULTS_DIR if results_dir is None else Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{bench}-{device_slug(device)}.json"
     payload = {"bench": bench, **environment(device), **meta, "rows": rows}
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    regenerate_table()
+    if results_dir is None:
+        regenerate_table()
     return path

@@ -79,7 +79,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_slug, environment, write_results
+from bench.common import device_slug, environment, quantiles, write_results
 from bench.table import render
 
 BENCH = "ppo_step"
@@ -634,13 +634,6 @@ def drive(providers: list[Provider], total: int, interleave: bool, progress) -> 
         progress()
 
 
-def _quantiles(values: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80), p20/p80 picked among the observed values."""
-    ordered = sorted(values)
-    pick = lambda q: ordered[round(q * (len(ordered) - 1))]  # noqa: E731
-    return statistics.median(ordered), pick(0.2), pick(0.8)
-
-
 def provider_rows(label: str, provider: str, result: dict, warmup: int, total: int) -> list[dict]:
     """An "iteration" row (steady median, peak, tokens/s, first iteration) and one row per phase; a
     run stopped early (a time limit) keeps what it measured, its status saying so."""
@@ -652,7 +645,7 @@ def provider_rows(label: str, provider: str, result: dict, warmup: int, total: i
                  **({"peak_mb": peak} if peak else {})}]
     status = "ok" if result["status"] == "ok" else f"interrupted after {len(runs)} of {total} iterations"
     steady = runs[warmup:]
-    median, p20, p80 = _quantiles([it["ms"] for it in steady])
+    median, p20, p80 = quantiles([it["ms"] for it in steady])
     steady_s = sum(it["ms"] for it in steady) / 1e3
     tokens_per_s = sum(it["response_tokens"] for it in steady) / steady_s
     first = runs[0]["ms"] if warmup else None
@@ -679,7 +672,7 @@ def provider_rows(label: str, provider: str, result: dict, warmup: int, total: i
     phases = steady[0].get("phases_ms", {})  # TRL's GRPOTrainer is timed as a whole
     for phase in (PHASES + (("other",) if "other" in phases else ())) if phases else ():
         values = [it["phases_ms"][phase] for it in steady]
-        p_median, p_20, p_80 = _quantiles(values)
+        p_median, p_20, p_80 = quantiles(values)
         rows.append({"shape": label, "mode": phase, "provider": provider, "median_ms": p_median, "p20_ms": p_20,
                      "p80_ms": p_80, "rate": f"{sum(values) / 1e3 / steady_s:.0%} of the iteration",
                      **({"first_ms": runs[0]["phases_ms"][phase]} if warmup else {}), "status": status})
@@ -695,16 +688,6 @@ def compare(rows: list[dict], trl_name: str) -> None:
             ours["speedup_vs_trl"] = trl["median_ms"] / ours["median_ms"]
             ours["peak_vs_trl"] = ours["peak_mb"] / trl["peak_mb"]
             ours["rate"] += f"; {ours['speedup_vs_trl']:.2f}x TRL's speed, {ours['peak_vs_trl']:.2f}x its peak"
-
-
-def save(rows: list[dict], device: str, meta: dict, results_dir: Path | None) -> Path:
-    """bench/results/ppo_step-<device>.json and the README tables, or only <results_dir>/ppo_step-<device>.json."""
-    if results_dir is None:
-        return write_results(BENCH, device, rows, **meta)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{BENCH}-{device_slug(device)}.json"
-    path.write_text(json.dumps({"bench": BENCH, **environment(device), **meta, "rows": rows}, indent=2) + "\n")
-    return path
 
 
 def versions() -> dict:
@@ -851,16 +834,16 @@ def main(argv=None) -> int:
                                              "generation_weights": args.generation_weights}))
             # after each turn: a run stopped at a time limit keeps what it measured ("complete": false)
             drive([p for p in providers if p.key not in skipped], total, interleave,
-                  lambda: save(rows_now(), args.device, meta, args.results_dir))
+                  lambda: write_results(BENCH, args.device, rows_now(), args.results_dir, **meta))
         except KeyboardInterrupt:
             for provider in providers:
                 provider.stop()
-            path = save(rows_now(), args.device, meta, args.results_dir)
+            path = write_results(BENCH, args.device, rows_now(), args.results_dir, **meta)
             print(f"ppo_step: interrupted; what was measured is in {path}", file=sys.stderr)
             return 130
     meta.update(complete=True, load_average_at_end=os.getloadavg())
     rows = rows_now()
-    path = save(rows, args.device, meta, args.results_dir)
+    path = write_results(BENCH, args.device, rows, args.results_dir, **meta)
     print(render([{"bench": BENCH, **environment(args.device), "rows": rows}]))
     print(f"ppo_step: results in {path}")
     return 0

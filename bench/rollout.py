@@ -24,14 +24,13 @@ and the README tables (bench.common.write_results), or DIR with --results-dir.
 """
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import environment, interleaved_ms, write_results
+from bench.common import interleaved_ms, quantiles, write_results
 from bench.ppo_step import LORA, SEED, SHAPES, build_fixtures, shape_label
 
 BENCH = "rollout"
@@ -119,8 +118,7 @@ def timed(calls: dict, new_tokens: int, device: str, reps: int):
                 call()
                 torch.cuda.synchronize()
                 samples.append((time.perf_counter() - start) * 1e3)
-        samples.sort()
-        yield name, (statistics.median(samples), samples[round(0.2 * (reps - 1))], samples[round(0.8 * (reps - 1))])
+        yield name, quantiles(samples)
 
 
 def result_rows(label: str, times: dict, agreement: dict, tokens: int) -> list[dict]:
@@ -135,15 +133,6 @@ def result_rows(label: str, times: dict, agreement: dict, tokens: int) -> list[d
                      "p80_ms": p80, "tokens_per_s": tokens / median * 1e3, "rate": rate, "status": "ok",
                      **({"greedy_agreement": agreement[name]} if name in agreement else {})})
     return rows
-
-
-def save(rows: list[dict], device: str, meta: dict, results_dir: Path | None) -> Path:
-    if results_dir is None:
-        return write_results(BENCH, device, rows, **meta)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{BENCH}-{device}.json"
-    path.write_text(json.dumps({"bench": BENCH, **environment(device), **meta, "rows": rows}, indent=1))
-    return path
 
 
 def main(argv=None) -> int:
@@ -175,11 +164,11 @@ def main(argv=None) -> int:
                 agreement = greedy_agreement(calls)
                 wrong = {name: share for name, share in agreement.items() if share != 1.0}
                 assert not wrong, f"greedy tokens differ from HF generate's in fp32: {wrong}"
-            for name, quantiles in timed(calls, shape.new_tokens, device, reps):
-                times[name] = quantiles
+            for name, measured in timed(calls, shape.new_tokens, device, reps):
+                times[name] = measured
                 if device != "cpu" or len(times) == len(calls):  # on the CPU they all arrive at the end
-                    path = save(result_rows(label, times, agreement, tokens) + placeholders, device,
-                                {**meta, "complete": len(times) == len(calls)}, args.results_dir)
+                    path = write_results(BENCH, device, result_rows(label, times, agreement, tokens) + placeholders,
+                                         args.results_dir, **meta, complete=len(times) == len(calls))
     except KeyboardInterrupt:  # scripts/gpu_check.sh's time limit: what was measured is saved
         print(f"{BENCH}: interrupted after {len(times)} provider(s); results in {path}")
         return 130

@@ -180,9 +180,10 @@ def chunk_grad_torch(z, bias, targets, lse, entropy, grad_lp, grad_ent, temperat
     return grad
 
 
-# backend -> (chunk stats, chunk gradient, (M, V) buffers of the forward, the logits' included; the
-# torch backward takes a second only for an entropy gradient)
-_CHUNK_MATH = {"torch": (chunk_stats_torch, chunk_grad_torch, 2), "triton": (chunk_stats_triton, chunk_grad_triton, 1)}
+# backend -> (chunk stats, chunk gradient, whether they take a scratch (M, V) buffer beside the
+# logits: the torch forward always, its backward for an entropy gradient)
+_CHUNK_MATH = {"torch": (chunk_stats_torch, chunk_grad_torch, True),
+               "triton": (chunk_stats_triton, chunk_grad_triton, False)}
 
 
 def weight_grad_buffer(weight, row_chunks):
@@ -221,8 +222,9 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, backend):
-        stats, _, n_buffers = _CHUNK_MATH[backend]
-        w, b, row_chunks, (buffer, *scratch) = chunk_plan(hidden.shape[0], weight, bias, backend, n_buffers)
+        stats, _, takes_scratch = _CHUNK_MATH[backend]
+        w, b, row_chunks, (buffer, *scratch) = chunk_plan(hidden.shape[0], weight, bias, backend,
+                                                          1 + takes_scratch)
         logprobs = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(logprobs)
         entropy = torch.zeros_like(logprobs)
@@ -244,14 +246,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, want_entropy, ignore_index, backend = ctx.config
-        _, grad_fn, _ = _CHUNK_MATH[backend]
+        _, grad_fn, takes_scratch = _CHUNK_MATH[backend]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_lp = (torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.float()).contiguous()
         g_ent = None
         if want_entropy and grad_entropy is not None:
             g_ent = grad_entropy.float().contiguous()
-        n_buffers = 2 if g_ent is not None and backend == "torch" else 1  # the torch path's p, with entropy
-        w, b, row_chunks, (buffer, *scratch) = chunk_plan(hidden.shape[0], weight, bias, backend, n_buffers,
+        w, b, row_chunks, (buffer, *scratch) = chunk_plan(hidden.shape[0], weight, bias, backend,
+                                                          1 + (takes_scratch and g_ent is not None),
                                                           weight_grad=need_w)
 
         grad_hidden = torch.empty_like(hidden) if need_h else None

@@ -36,6 +36,25 @@ def tiny_config(architecture: str, vocab_size: int = 211):
     return make(**common, intermediate_size=64, num_key_value_heads=2, **extra)
 
 
+def random_prompts(tokenizer, lengths, seed=0) -> list[list[int]]:
+    """Prompts of the given lengths, random non-special token ids of `tokenizer`."""
+    generator = torch.Generator().manual_seed(seed)
+    low = max(tokenizer.all_special_ids) + 1
+    return [torch.randint(low, len(tokenizer), (n,), generator=generator).tolist() for n in lengths]
+
+
+def hf_greedy(model, tokenizer, prompts, max_new_tokens, eos_ids=None) -> torch.Tensor:
+    """HF `generate`'s greedy ids [B, P + new] for left-padded prompts on the model's device
+    (eos_ids: the ids that end a row, default the tokenizer's EOS): the reference rollouts match."""
+    from rlhf_fast.data import pad_batch
+
+    device = next(model.parameters()).device
+    ids, mask = pad_batch(prompts, tokenizer.pad_token_id, side="left")
+    return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=[tokenizer.eos_token_id] if eos_ids is None else list(eos_ids))
+
+
 def relative_error(out, ref) -> float:
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

@@ -5,9 +5,8 @@ forward and still decode HF's tokens."""
 import pytest
 import torch
 
-from helpers import randomize_lora, tiny_config
+from helpers import hf_greedy, random_prompts, randomize_lora, tiny_config
 
-from rlhf_fast.data import pad_batch
 from rlhf_fast.models.adapters import add_lora
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.logprobs import sequence_logprobs
@@ -38,19 +37,6 @@ def saved_policy(architecture, tokenizer, path, lora=True, attn="auto", dtype="f
     return randomize_lora(add_lora(model, "policy", r=4, alpha=8), seed=1) if lora else model
 
 
-def prompts_for(tokenizer, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    low = max(tokenizer.all_special_ids) + 1
-    return [torch.randint(low, len(tokenizer), (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
-
-
-def hf_greedy(model, tokenizer, prompts, max_new_tokens):
-    ids, mask = pad_batch(prompts, tokenizer.pad_token_id, side="left")
-    return model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=False,
-                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
-
-
 @pytest.fixture
 def lean_calls(monkeypatch):
     """How many decode steps went through LeanDecodeStep."""
@@ -69,7 +55,7 @@ def lean_calls(monkeypatch):
 @pytest.mark.parametrize("architecture", LAYOUTS)
 def test_lean_greedy_decoding_equals_hf_generate(architecture, weights, tokenizer, tmp_path, lean_calls):
     model = saved_policy(architecture, tokenizer, tmp_path)
-    prompts = prompts_for(tokenizer)
+    prompts = random_prompts(tokenizer, PROMPT_LENGTHS)
     rollout = RolloutEngine(model, tokenizer, generation_weights=weights, compile=False).sample(
         prompts, max_new_tokens=9, do_sample=False)
     assert len(lean_calls) == 8, "every step after the prefill goes through the lean step"
@@ -87,7 +73,7 @@ def test_lean_sampling_draws_what_the_models_forward_draws(architecture, weights
     arithmetic is the same, only how it is called differs; on the CPU with transformers 5.24 the
     same bits, bf16 too), and, in fp32, the trainer's log-probs."""
     model = saved_policy(architecture, tokenizer, tmp_path, dtype=dtype)
-    prompts = prompts_for(tokenizer, seed=3)
+    prompts = random_prompts(tokenizer, PROMPT_LENGTHS, seed=3)
     rollouts = {}
     for lean in (True, False):
         engine = RolloutEngine(model, tokenizer, generation_weights=weights, compile=False, return_hidden=True,
@@ -117,7 +103,7 @@ def test_lean_sampling_draws_what_the_models_forward_draws(architecture, weights
 def test_other_layouts_fall_back_to_the_models_forward(architecture, changes, attn, lean, tokenizer, tmp_path,
                                                        lean_calls):
     model = saved_policy(architecture, tokenizer, tmp_path, lora=False, attn=attn, **changes)
-    prompts = prompts_for(tokenizer, seed=5)
+    prompts = random_prompts(tokenizer, PROMPT_LENGTHS, seed=5)
     rollout = RolloutEngine(model, tokenizer, compile=False).sample(prompts, max_new_tokens=9, do_sample=False)
     assert len(lean_calls) == (8 if lean else 0)
     forward = RolloutEngine(model, tokenizer, compile=False, lean=False).sample(prompts, max_new_tokens=9,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from helpers import randomize_lora
+from helpers import hf_greedy, random_prompts, randomize_lora
 
 from rlhf_fast.data import pad_batch
 from rlhf_fast.memory import kv_cache_bytes, memory_ledger
@@ -32,19 +32,6 @@ def fp32_model(model_dir):
 def with_lora(model, seed=1, scale=0.3):
     """A "policy" LoRA adapter with random, non-zero A and B (a fresh adapter's B is 0)."""
     return randomize_lora(add_lora(model, "policy", r=4, alpha=8), seed, scale)
-
-
-def random_prompts(tokenizer, lengths, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    low = max(tokenizer.all_special_ids) + 1
-    return [torch.randint(low, len(tokenizer), (n,), generator=generator).tolist() for n in lengths]
-
-
-def hf_greedy(model, tokenizer, prompts, max_new_tokens, eos_ids):
-    ids, mask = pad_batch(prompts, tokenizer.pad_token_id, side="left")
-    return model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), do_sample=False,
-                          max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=list(eos_ids))
 
 
 def engine(model, tokenizer, weights="auto", **kwargs):
