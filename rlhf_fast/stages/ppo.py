@@ -435,8 +435,9 @@ class PPOTrainer:
         minibatch_mask = r.response_mask[minibatch]
         tokens = minibatch_mask.sum().clamp_min(1)
         sequences = (minibatch_mask.sum(-1) > 0).sum().clamp_min(1)
-        stats: dict[str, float] = {}
-        minibatch_loss = 0.0
+        # each micro-batch's [loss, *terms x share] summed on the device in float64 (the sums Python's
+        # floats made), read once per mini-batch: a read per value would wait for the GPU every time
+        names, sums = [], None
         for micro in distributed.micro_batches(minibatch, c.micro_batch_size):  # this rank's share
             rows = torch.tensor(micro, device=self.device)
             mask = r.response_mask[rows]
@@ -460,9 +461,13 @@ class PPOTrainer:
                 terms.update({"value/loss": v_loss, **{f"value/{k}": v for k, v in value_stats.items()}})
             loss = loss * share
             loss.backward()
-            minibatch_loss += loss.item()
-            for key, value in terms.items():
-                stats[key] = stats.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * float(share)
+            names = list(terms)
+            row = torch.stack([loss.detach().double(), *(
+                torch.as_tensor(value, dtype=torch.float64, device=share.device).detach() * share.double()
+                for value in terms.values())])
+            sums = row if sums is None else sums + row
+        totals = [0.0] if sums is None else sums.tolist()
+        minibatch_loss, stats = totals[0], dict(zip(names, totals[1:]))
         if c.ptx_coef > 0:
             stats["ppo/ptx_loss"] = self._ptx_backward()
             minibatch_loss += c.ptx_coef * stats["ppo/ptx_loss"]
