@@ -462,9 +462,8 @@ class PPOTrainer:
             loss = loss * share
             loss.backward()
             names = list(terms)
-            row = torch.stack([loss.detach().double(), *(
-                torch.as_tensor(value, dtype=torch.float64, device=share.device).detach() * share.double()
-                for value in terms.values())])
+            row = torch.stack([loss, *terms.values()]).detach().double()
+            row[1:] *= share.double()
             sums = row if sums is None else sums + row
         totals = [0.0] if sums is None else sums.tolist()
         minibatch_loss, stats = totals[0], dict(zip(names, totals[1:]))
