@@ -234,7 +234,10 @@ class PhaseProfile:
     """--profile: torch.profiler over each phase of one iteration, the top ops of each written as a
     table (self device time on CUDA, self CPU time on the CPU) to
     DIR/ppo_step-profile-<provider>-<device>.txt:
-    where an iteration's time goes, read in the same run that times it. Off: a no-op context."""
+    where an iteration's time goes, read in the same run that times it. Each table's heading gives
+    the phase's wall time under the profiler and the ops' total self time in it: on CUDA the GPU's
+    kernel time, so a phase whose kernels fill a small share of its wall time waits on the host
+    (launches, Python, syncs), not on the GPU. Off: a no-op context."""
 
     ROWS = 25
 
@@ -250,11 +253,18 @@ class PhaseProfile:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         with profile(activities=activities) as prof:
+            began = time.perf_counter()
             yield
             if self.cuda:
                 torch.cuda.synchronize()
-        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        self.tables.append(f"## {name}\n" + prof.key_averages().table(sort_by=key, row_limit=self.ROWS))
+            wall_ms = (time.perf_counter() - began) * 1e3
+        ops = prof.key_averages()
+        key, what = (("self_device_time_total", "GPU kernels") if self.cuda else
+                     ("self_cpu_time_total", "ops' self CPU time"))
+        busy_ms = sum(getattr(op, key) for op in ops) / 1e3
+        heading = (f"## {name}: {wall_ms:.1f} ms wall under the profiler; {what} {busy_ms:.1f} ms "
+                   f"({busy_ms / max(wall_ms, 1e-9):.0%})")
+        self.tables.append(heading + "\n" + ops.table(sort_by=key, row_limit=self.ROWS))
 
     def write(self) -> None:
         if self.path is not None and self.tables:
