@@ -15,8 +15,10 @@
 # bench/plain_checkout/ goes on PYTHONPATH and maps it there (nothing is pip-installed).
 # Offline peers: wheels in .whl/ (scripts/gpu_wheels.sh downloads them where there is network; carry the
 # folder with the checkout) are installed into a scratch directory for this run and put on PYTHONPATH.
-# Logs: $OUT/gpu-check-<gpu>/ when OUT is set, else bench/results/gpu-check-<gpu>/: one log per step,
-# pytest.xml, steps.tsv, environment.txt, and results/ (the JSON files this run wrote).
+# Logs: bench/results/gpu-check-<gpu>/ (git-ignored): one log per step, pytest.xml, steps.tsv,
+# environment.txt, summary.txt and results/ (the JSON files this run wrote). When OUT is set (the device
+# tool, which copies back at most 8 files from $OUT) the folder is packed into $OUT/gpu-check-<gpu>.tar.gz
+# after every step, so a run cut short still returns what it finished.
 # Time: GPU_CHECK_BUDGET_S (default 540) bounds the whole run; each step has its own limit, cut to what
 # the budget has left (a step that would get under 15 s is skipped and says so).
 # Exit status: 0 when every step ran clean, 1 when one failed or timed out, 2 when it cannot start.
@@ -75,11 +77,19 @@ fi
 slug=$("$py" -c 'from bench.common import device_slug; print(device_slug("cuda"))') \
   || die "cannot name the GPU through bench.common.device_slug"
 
-log=${OUT:+$OUT/gpu-check-$slug}
-log=${log:-bench/results/gpu-check-$slug}
+log=bench/results/gpu-check-$slug
 mkdir -p "$log"
-rm -f "$log"/*.log "$log/pytest.xml" "$log/steps.tsv"
+rm -f "$log"/*.log "$log/pytest.xml" "$log/steps.tsv" "$log/summary.txt"
 rm -rf "$log/results"
+mkdir -p "$log/results"
+
+pack() {  # this run's results JSON into $log/results; with OUT set, $log whole into one archive there
+  find bench/results -maxdepth 1 -name "*-$slug.json" -newermt "@$start_epoch" -exec cp {} "$log/results/" \; || true
+  [ -n "${OUT:-}" ] || return 0
+  tar -czf "$OUT/gpu-check-$slug.tar.gz.part" -C "$(dirname "$log")" "$(basename "$log")" \
+    && mv -f "$OUT/gpu-check-$slug.tar.gz.part" "$OUT/gpu-check-$slug.tar.gz" \
+    || echo "gpu_check: could not pack $log into \$OUT" >&2
+}
 
 "$py" - >"$log/environment.txt" 2>&1 <<'PY' || true
 import importlib.metadata as md, platform
@@ -126,6 +136,7 @@ run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcom
   ((rc == 0)) || failed=1
   record "$name" "$status" "$took" "$note"
   echo "   $status in ${took} s${note:+: $note}"
+  pack
 }
 
 # 1. the test suite on CUDA (conftest.py runs gpu-marked tests when CUDA is there); the torchrun tests
@@ -165,12 +176,13 @@ run_step selfcheck 30 "$py" -m rlhf_fast.cli selfcheck
 # 4. the tables (each bench already rewrote them; once more from every file), a copy of this run's results
 budget=$((budget + reserve)) reserve=0
 run_step tables 15 "$py" -c 'from bench.table import regenerate_table; regenerate_table()'
-mkdir -p "$log/results"
-find bench/results -maxdepth 1 -name "*-$slug.json" -newermt "@$start_epoch" -exec cp {} "$log/results/" \;
 cp bench/README.md "$log/results/README.md"
 
-# 5. the summary, last
+# 5. the summary, last (kept in the log folder too)
 echo "gpu_check: done in ${SECONDS} s"
-"$py" -m bench.gpu_summary --device "$slug" --log-dir "$log" --since "$start_epoch" \
-  || echo "gpu_check: the summary failed: see the message above"
+summary_rc=0
+"$py" -m bench.gpu_summary --device "$slug" --log-dir "$log" --since "$start_epoch" 2>&1 | tee "$log/summary.txt" \
+  || summary_rc=$?
+((summary_rc == 0)) || echo "gpu_check: the summary failed: see the message above"
+pack
 exit "$failed"

@@ -244,3 +244,62 @@ def test_every_verdict_on_the_committed_results_names_real_files(device):
     for verdict in targets.check(device):
         assert verdict.status in (targets.MET, targets.NOT_MET, targets.NOT_MEASURED)
         assert all((table.RESULTS_DIR / name).exists() for name in verdict.sources), verdict
+
+
+# A stand-in for the GPU machine's Python: answers each of gpu_check.sh's calls as a CUDA machine would,
+# instantly; a bench writes its results file, pytest its JUnit report, the summary one line.
+FAKE_PYTHON = r'''
+import os, pathlib, sys
+args = sys.argv[1:]
+if args[:2] == ["-m", "pytest"]:
+    xml = next(a.split("=", 1)[1] for a in args if a.startswith("--junitxml="))
+    pathlib.Path(xml).write_text('<testsuite tests="3" failures="0" errors="0" skipped="0"/>')
+elif args[:1] == ["-m"] and args[1].startswith("bench.") and args[1] != "bench.gpu_summary":
+    pathlib.Path(f"bench/results/{args[1][len('bench.'):]}-fakegpu.json").write_text("{}")
+elif args[:2] == ["-m", "bench.gpu_summary"]:
+    print("tests: 3 passed; targets: none measured")
+    sys.exit(int(os.environ.get("FAKE_SUMMARY_RC", "0")))
+elif args[:1] == ["-c"] and "rlhf_fast.kernels" in args[1]:
+    print(os.path.realpath("kernels"))
+elif args[:1] == ["-c"] and "device_slug" in args[1]:
+    print("fakegpu")
+elif args == ["-"]:
+    print("device: Fake GPU (CUDA 0.0), python 3")
+'''
+
+
+def test_gpu_check_returns_its_logs_in_one_archive_under_out(tmp_path):
+    """The device tool copies back at most 8 files from $OUT: gpu_check.sh packs its whole log folder
+    (every step's log, the JUnit report, steps.tsv, the summary, this run's results files) into one
+    $OUT/gpu-check-<gpu>.tar.gz, and nothing else lands in $OUT."""
+    import tarfile
+
+    checkout, out = tmp_path / "checkout", tmp_path / "out"
+    for folder in ("scripts", "kernels", "bench/results"):
+        (checkout / folder).mkdir(parents=True)
+    (checkout / "scripts" / "gpu_check.sh").write_text((REPO / "scripts" / "gpu_check.sh").read_text())
+    (checkout / "bench" / "ppo_step.py").write_text("")
+    (checkout / "bench" / "README.md").write_text("tables\n")
+    (checkout / "bench" / "results" / "gae-fakegpu.json").write_text("{}")  # an earlier run's: not this run's
+    os.utime(checkout / "bench" / "results" / "gae-fakegpu.json", (time.time() - 3600,) * 2)
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_PYTHON}")
+    fake.chmod(0o755)
+    out.mkdir()
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "GPU_CHECK_BUDGET_S": "200"}
+    run = subprocess.run(["bash", str(checkout / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "tests: 3 passed" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check-fakegpu.tar.gz"]
+    with tarfile.open(out / "gpu-check-fakegpu.tar.gz") as archive:
+        names = set(archive.getnames())
+        steps = archive.extractfile("gpu-check-fakegpu/steps.tsv").read().decode()
+        summary = archive.extractfile("gpu-check-fakegpu/summary.txt").read().decode()
+    folder = "gpu-check-fakegpu/"
+    for step in ("pytest", "bench.ppo_step", "bench.logprobs", "bench.rollout", "selfcheck", "tables"):
+        assert folder + step + ".log" in names and f"{step}\tok\t" in steps
+    for bench in ("ppo_step", "logprobs", "linear_ppo", "rollout", "gae", "ppo_loss"):
+        assert f"{folder}results/{bench}-fakegpu.json" in names  # gae's rewritten by this run
+    assert {folder + "pytest.xml", folder + "environment.txt", folder + "results/README.md"} <= names
+    assert summary.strip() == "tests: 3 passed; targets: none measured"
