@@ -11,7 +11,9 @@ is O(N) next to the head's (N, D, V) GEMMs.
 CUDA: N=8192, D=4096, V=128256 bf16; CPU: N=4096, D=512, V=32000 fp32 (GPU rows: "not run"); peak
 memory: bench.common.cuda_peak_mb on CUDA, on the CPU the peak RSS of one call in a fresh process.
 Each provider's loss and gradients are checked before timing: ours against the fp64 reference on
-the first rows, every other provider against ours on the whole shape.
+the first rows, every other provider against ours on the whole shape. On CUDA the providers are
+checked, timed and written one at a time (ours first, torch.compile, whose compile takes longest,
+last), so a run stopped at a time limit keeps what it measured.
 --chunk-mib: also ours at these chunk budgets (MiB of logits per chunk, d weight included), rows
 "ours (linear_ppo_loss) @ <n> MiB": the sweep that sets kernels/_lm_head.py's constants.
 --smoke: every provider once at a tiny shape, printed, no results file written.
@@ -103,17 +105,21 @@ def relative_error(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def check(inputs, fns, spec_tol, tol):
-    """Raise unless ours matches the fp64 spec on the first rows and every provider matches ours."""
-    head = {key: value[:CHECK_ROWS] if key != "weight" else value for key, value in inputs.items()}
-    spec = dict(head, hidden=head["hidden"].detach().double().requires_grad_(),
-                weight=head["weight"].detach().double().requires_grad_())
-    head.update(hidden=head["hidden"].detach().requires_grad_(), weight=head["weight"].detach().requires_grad_())
-    pairs = {"fp64 spec": (fwd_bwd(ours, head), fwd_bwd(lambda **x: reference.linear_ppo_loss(**x, **OPTIONS)[0],
-                                                         spec), spec_tol)}
-    want = fwd_bwd(ours, inputs)
-    pairs.update({name: (fwd_bwd(fn, inputs), want, tol) for name, fn in fns.items()
-                  if name not in ("ours (linear_ppo_loss)", "token_logprobs alone")})  # alone: another loss
+def check(inputs, fns, spec_tol, tol, want=None):
+    """Raise unless ours matches the fp64 spec on the first rows (when `fns` has ours) and every other
+    provider in `fns` matches ours on the whole shape (`want`: ours' fwd_bwd there, if already made)."""
+    pairs = {}
+    if "ours (linear_ppo_loss)" in fns:
+        head = {key: value[:CHECK_ROWS] if key != "weight" else value for key, value in inputs.items()}
+        spec = dict(head, hidden=head["hidden"].detach().double().requires_grad_(),
+                    weight=head["weight"].detach().double().requires_grad_())
+        head.update(hidden=head["hidden"].detach().requires_grad_(), weight=head["weight"].detach().requires_grad_())
+        pairs["fp64 spec"] = (fwd_bwd(ours, head),
+                              fwd_bwd(lambda **x: reference.linear_ppo_loss(**x, **OPTIONS)[0], spec), spec_tol)
+    others = {name: fn for name, fn in fns.items() if name not in ("ours (linear_ppo_loss)", "token_logprobs alone")}
+    if others:  # "token_logprobs alone" is another loss
+        want = fwd_bwd(ours, inputs) if want is None else want
+        pairs.update({name: (fwd_bwd(fn, inputs), want, tol) for name, fn in others.items()})
     bad = {}
     for against, (got, expected, limit) in pairs.items():
         for what, a, b in zip(("loss", "d hidden", "d weight"), got, expected):
@@ -121,7 +127,6 @@ def check(inputs, fns, spec_tol, tol):
                 bad[f"{what}: {against} (tol {limit:.0e})"] = relative_error(a, b)
     if bad:
         raise AssertionError(f"linear_ppo: relative errors too large: {bad}")
-
 
 def shape_label(shape):
     return f"N={shape['N']} D={shape['D']} V={shape['V']} {str(shape['dtype']).removeprefix('torch.')}"
@@ -162,36 +167,55 @@ def rss_child(provider, shape):
     print(json.dumps({"peak_mb": peak_rss_mb(lambda: fwd_bwd(fn, inputs))}))
 
 
-def measure(device, shape, sweep=(), cpu_rep=5):
+# CUDA: the order providers are checked and timed in, each written as soon as it is measured, so that a
+# run stopped at its time limit (scripts/gpu_check.sh) keeps ours and the floor's companions; torch.compile,
+# whose compile takes longest, goes last
+CUDA_ORDER = ("ours (linear_ppo_loss)", "token_logprobs alone", "eager", "token_logprobs + eager loss", "torch.compile")
+
+
+def measure(device, shape, sweep=(), cpu_rep=5, on_rows=lambda rows: None, in_turn=None):
+    """fwd+bwd rows, one per provider (and one per swept chunk budget of ours), each checked first.
+    in_turn (default: on CUDA): one provider at a time in CUDA_ORDER, the sweep before torch.compile,
+    each timed and its peak taken (bench.common.cuda_peak_mb), on_rows(rows so far) after each;
+    otherwise (the CPU): every provider checked, then all timed taking turns (interleaved_ms) and the
+    peak RSS of the non-swept ones taken in fresh processes."""
     torch.manual_seed(0)
     inputs = make_inputs(shape["N"], shape["D"], shape["V"], shape["dtype"], device)
     fns = providers()
-    measured_alone = set(fns)  # the sweep's rows have no peak of their own sees exact logits, ours bf16 GEMM outputs; eager rounds its logits to bf16 too
-    check(inputs, fns, *((1e-4, 1e-4) if shape["dtype"] == torch.float32 else (5e-2, 2e-2)))
+    alone = set(fns)  # the sweep's rows are ours again: no peak of their own on the CPU
+    tols = (1e-4, 1e-4) if shape["dtype"] == torch.float32 else (5e-2, 2e-2)  # bf16: ours' GEMM outputs are bf16
     fns.update({f"ours (linear_ppo_loss) @ {mib} MiB": swept(mib) for mib in sweep})
     # fwd+bwd is three (N, D, V) GEMMs (logits, d hidden, d weight); token_logprobs also recomputes the logits
     flops = 3 * 2 * shape["N"] * shape["D"] * shape["V"]
     runs = {name: lambda fn=fn: fwd_bwd(fn, inputs) for name, fn in fns.items()}
-    rows = []
-    if device == "cpu":
-        times = interleaved_ms(runs, warmup=1, rep=cpu_rep)
-    else:
-        times = {name: time_ms(run, device) for name, run in runs.items()}
-    for name, (median, p20, p80) in times.items():
-        if device != "cpu":
-            peak = cuda_peak_mb(runs[name], device)
-        elif name in measured_alone:  # the peak RSS of one call in a fresh process
-            peak = child_peak_rss_mb("bench.linear_ppo", "--rss-child", name, *shape_args(shape))
-        else:
-            peak = None
-        rows.append({"shape": shape_label(shape), "mode": "fwd+bwd", "provider": name, "median_ms": median,
-                     "p20_ms": p20, "p80_ms": p80, "peak_mb": peak,
-                     "rate": f"{flops / median / 1e9:.2f} TFLOP/s (3 GEMMs)"})
-    base = rows[0]["median_ms"]
-    for row in rows:
-        row["vs_token_logprobs"] = round(row["median_ms"] / base, 3)
-    return rows
 
+    def row(name, timing, peak):
+        median, p20, p80 = timing
+        return {"shape": shape_label(shape), "mode": "fwd+bwd", "provider": name, "median_ms": median, "p20_ms": p20,
+                "p80_ms": p80, "peak_mb": peak, "rate": f"{flops / median / 1e9:.2f} TFLOP/s (3 GEMMs)"}
+
+    rows = []
+    if not (device != "cpu" if in_turn is None else in_turn):
+        check(inputs, fns, *tols)
+        for name, timing in interleaved_ms(runs, warmup=1, rep=cpu_rep).items():
+            peak = child_peak_rss_mb("bench.linear_ppo", "--rss-child", name, *shape_args(shape)) if name in alone else None
+            rows.append(row(name, timing, peak))
+        return with_ratios(rows)
+    order = [*CUDA_ORDER[:-1], *(name for name in fns if name not in CUDA_ORDER), CUDA_ORDER[-1]]
+    want = fwd_bwd(ours, inputs)
+    for name in order:
+        check(inputs, {name: fns[name]}, *tols, want=want)
+        rows.append(row(name, time_ms(runs[name], device), cuda_peak_mb(runs[name], device)))
+        on_rows(with_ratios(rows))
+    return with_ratios(rows)
+
+
+def with_ratios(rows):
+    """Each row's vs_token_logprobs: its time over the fused head alone's (when that row is there)."""
+    base = next((r["median_ms"] for r in rows if r["provider"] == "token_logprobs alone"), None)
+    for r in rows:
+        r["vs_token_logprobs"] = None if base is None else round(r["median_ms"] / base, 3)
+    return rows
 
 def cpu_targets(rows):
     """The CPU targets: ours no slower than eager, its peak RSS under 20% of eager's."""
@@ -232,12 +256,17 @@ def main(argv=None):
                   "status": "not run: no CUDA device"} for name in providers()]
     else:
         shape = GPU_SHAPE
-        rows = measure(device, shape, sweep)
         meta["peak_basis"] = CUDA_PEAK_BASIS
-    path = write_results("linear_ppo", device, rows, shape=shape_label(shape), options=OPTIONS,
-                         threads=torch.get_num_threads(), **meta,
-                         rate_formula="3 * 2*N*D*V FLOP / median (the three GEMMs; token_logprobs' recompute "
-                                      "GEMM is not counted)")
+
+    def write(rows, complete):
+        return write_results("linear_ppo", device, rows, shape=shape_label(shape), options=OPTIONS,
+                             threads=torch.get_num_threads(), complete=complete, **meta,
+                             rate_formula="3 * 2*N*D*V FLOP / median (the three GEMMs; token_logprobs' recompute "
+                                          "GEMM is not counted)")
+
+    if device != "cpu":
+        rows = measure(device, shape, sweep, on_rows=lambda rows: write(rows, complete=False))
+    path = write(rows, complete=True)
     for row in rows:
         print(row)
     print(f"wrote {path}")

@@ -28,8 +28,8 @@ CUDA_CHUNK_BYTES = 128 * 2**20
 # ms of traffic at H200-H100 bandwidth against ~0.8 ms of flops at the 667 TFLOP/s the H200 floor
 # measured; M=2048: the same traffic against ~3.2 ms). The
 # budget is then this many times CUDA_CHUNK_BYTES (2048 rows at V=128256 bf16, 512 MiB, a quarter
-# of the fp32 d weight held anyway). Reasoned, not measured: the GPU run sweeps 1, 2, 4, 8
-# (bench/linear_ppo.py --chunk-mib).
+# of the fp32 d weight held anyway). Reasoned, not measured: scripts/gpu_check.sh sweeps 1, 2, 4, 8
+# (bench/linear_ppo.py --chunk-mib 128,256,1024 beside the default's 512).
 CUDA_WEIGHT_GRAD_CHUNK_FACTOR = 4
 # Widest vocab block a row program loads at once; V is walked in blocks of min(next_pow2(V), this).
 # 4096 fp32 values = 16 KiB of registers over 8 warps. Not yet measured: issue 7 tunes it on H100.

@@ -161,7 +161,9 @@ else
   echo "-- bench.ppo_step: skipped (bench/ppo_step.py is absent)"
 fi
 run_step bench.logprobs 130 "$py" -m bench.logprobs --device cuda --quick --entropy
-run_step bench.linear_ppo 60 "$py" -m bench.linear_ppo
+# linear_ppo_loss with ours at three more chunk budgets (128/256/1024 MiB beside the default's 512: the sweep
+# that sets kernels/_lm_head.py's CUDA_WEIGHT_GRAD_CHUNK_FACTOR); each provider is written as it is measured
+run_step bench.linear_ppo 75 "$py" -m bench.linear_ppo --chunk-mib 128,256,1024
 # the rollout engine's decode paths (merged copy, low-rank, HF generate) at the 1B shape: what issue 12's
 # choice of generation weights reads
 run_step bench.rollout 120 "$py" -m bench.rollout --reps 2
