@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu_check: everything a GPU machine can tell about this checkout, in one command, offline, within
-# 9 minutes on one H100: the test suite on CUDA (gpu-marked tests included; the torchrun and README-demo
+# 9.5 minutes on one H100: the test suite on CUDA (gpu-marked tests included; the torchrun and README-demo
 # tests are CI's), the benches at their GPU shapes in the order the open targets need them, each cut to
 # what the budget leaves (Liger-Kernel, cut-cross-entropy and TRL where installed, "not installed" rows
 # otherwise; ppo_step's GRPO rows left to a manual run), bench/results/*-<gpu>.json and the README
@@ -19,13 +19,14 @@
 # environment.txt, summary.txt and results/ (the JSON files this run wrote). When OUT is set (the device
 # tool, which copies back at most 8 files from $OUT) the folder is packed into $OUT/gpu-check-<gpu>.tar.gz
 # after every step, so a run cut short still returns what it finished.
-# Time: GPU_CHECK_BUDGET_S (default 540) bounds the whole run; each step has its own limit, cut to what
-# the budget has left (a step that would get under 15 s is skipped and says so).
+# Time: GPU_CHECK_BUDGET_S (default 570; the device tool allows a call 600 s) bounds the whole run; each
+# step has its own limit, cut to what the budget has left (a step that would get under 15 s is skipped
+# and says so).
 # Exit status: 0 when every step ran clean, 1 when one failed or timed out, 2 when it cannot start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd -P)
-budget=${GPU_CHECK_BUDGET_S:-540}
+budget=${GPU_CHECK_BUDGET_S:-570}
 reserve=30  # kept back for the tables, the copy and the summary
 start_epoch=$(date +%s)
 SECONDS=0
