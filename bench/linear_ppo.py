@@ -86,7 +86,7 @@ def ours(**inputs):
 
 
 def providers():
-    """{name: loss fn}; the fused head alone first: every row's vs_token_logprobs is against it."""
+    """{name: loss fn}; every row's vs_token_logprobs is against the fused head alone (with_ratios)."""
     return {"token_logprobs alone": head_alone, "eager": eager, "torch.compile": torch.compile(eager),
             "token_logprobs + eager loss": head_then_eager_loss, "ours (linear_ppo_loss)": ours}
 
@@ -127,6 +127,7 @@ def check(inputs, fns, spec_tol, tol, want=None):
                 bad[f"{what}: {against} (tol {limit:.0e})"] = relative_error(a, b)
     if bad:
         raise AssertionError(f"linear_ppo: relative errors too large: {bad}")
+
 
 def shape_label(shape):
     return f"N={shape['N']} D={shape['D']} V={shape['V']} {str(shape['dtype']).removeprefix('torch.')}"
@@ -216,6 +217,7 @@ def with_ratios(rows):
     for r in rows:
         r["vs_token_logprobs"] = None if base is None else round(r["median_ms"] / base, 3)
     return rows
+
 
 def cpu_targets(rows):
     """The CPU targets: ours no slower than eager, its peak RSS under 20% of eager's."""

@@ -28,6 +28,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd -P)
 budget=${GPU_CHECK_BUDGET_S:-570}
 reserve=30  # kept back for the tables, the copy and the summary
+kill_after=20  # a step that ignores SIGINT at its limit is killed this much later
 start_epoch=$(date +%s)
 SECONDS=0
 
@@ -116,7 +117,7 @@ failed=0
 run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcome, never stop the check
   local name=$1 want=$2
   shift 2
-  local left=$((budget - SECONDS - reserve))
+  local left=$((budget - SECONDS - reserve - kill_after))
   local limit=$((want < left ? want : left))
   if ((limit < 15)); then
     record "$name" skipped "" "no time left in the ${budget} s budget"
@@ -127,7 +128,7 @@ run_step() {  # run_step NAME LIMIT_S CMD...: log to NAME.log, record the outcom
   echo "-- $name (up to ${limit} s): $*"
   local began=$SECONDS rc=0
   # SIGINT first: pytest still writes its JUnit report, a bench stops with a traceback in its log
-  timeout --signal=INT --kill-after=20 "$limit" "$@" >"$log/$name.log" 2>&1 || rc=$?
+  timeout --signal=INT --kill-after="$kill_after" "$limit" "$@" >"$log/$name.log" 2>&1 || rc=$?
   local took=$((SECONDS - began)) status=ok note=""
   if ((rc == 124 || rc == 137)); then
     status=timeout note="stopped at its ${limit} s limit"
@@ -177,14 +178,14 @@ run_step bench.ppo_loss 25 "$py" -m bench.ppo_loss
 run_step selfcheck 30 "$py" -m rlhf_fast.cli selfcheck
 
 # 4. the tables (each bench already rewrote them; once more from every file), a copy of this run's results
-budget=$((budget + reserve)) reserve=0
+reserve=10  # now only the summary (itself under a 15 s limit) and the last pack
 run_step tables 15 "$py" -c 'from bench.table import regenerate_table; regenerate_table()'
 cp bench/README.md "$log/results/README.md"
 
 # 5. the summary, last (kept in the log folder too)
 echo "gpu_check: done in ${SECONDS} s"
 summary_rc=0
-"$py" -m bench.gpu_summary --device "$slug" --log-dir "$log" --since "$start_epoch" 2>&1 | tee "$log/summary.txt" \
+timeout 15 "$py" -m bench.gpu_summary --device "$slug" --log-dir "$log" --since "$start_epoch" 2>&1 | tee "$log/summary.txt" \
   || summary_rc=$?
 ((summary_rc == 0)) || echo "gpu_check: the summary failed: see the message above"
 pack

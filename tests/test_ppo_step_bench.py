@@ -174,6 +174,24 @@ def test_profile_tables_name_each_phase_and_its_ops(tmp_path):
     assert "aten::mm" in text
 
 
+def test_profile_counts_each_kernel_once():
+    """On CUDA a kernel's time is on its own event and on the CPU op that launched it; a user annotation
+    on the GPU timeline spans kernels counted already: the busy time is the kernels' alone."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(device, self_device_us, self_cpu_us=0.0, annotation=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=self_device_us,
+                               self_cpu_time_total=self_cpu_us, is_user_annotation=annotation)
+
+    ops = [event(DeviceType.CPU, 5.0, self_cpu_us=20.0), event(DeviceType.CUDA, 5.0),  # aten::mm, its kernel
+           event(DeviceType.CPU, 3.0, self_cpu_us=10.0), event(DeviceType.CUDA, 3.0),  # aten::add, its kernel
+           event(DeviceType.CUDA, 8.0, annotation=True)]  # Optimizer.step on the GPU timeline
+    assert ppo_step.busy_us(ops, cuda=True) == 8.0
+    assert ppo_step.busy_us(ops, cuda=False) == 30.0
+
+
 def test_without_profile_no_profiler_runs(monkeypatch):
     import torch.profiler
 
