@@ -31,6 +31,14 @@ CUDA_CHUNK_BYTES = 128 * 2**20
 # of the fp32 d weight held anyway). Reasoned, not measured: scripts/gpu_check.sh sweeps 1, 2, 4, 8
 # (bench/linear_ppo.py --chunk-mib 128,256,1024 beside the default's 512).
 CUDA_WEIGHT_GRAD_CHUNK_FACTOR = 4
+# CUDA: a chunk's row count, where its budget holds at least this many rows, is rounded down to a
+# multiple of it, so that the chunk GEMMs' M fills whole cuBLAS tiles (64 to 256 rows on Hopper). A
+# budget's own count leaves most chunks with a nearly empty last tile: at V=128256 bf16 the 128 MiB
+# budget holds 523 rows, and N=8192 then walks 15 chunks of 523 + one of 347, 78 row tiles of 128
+# against a single GEMM's 64 (22% more tile work), where the H200 measured token_logprobs' forward
+# 1.27x the one-GEMM floor; 512 rows make 16 chunks and 64 tiles. Reasoned, not measured: the next
+# GPU run's bench.logprobs says. The CPU's GEMMs tile otherwise, and its budget stays as measured.
+CUDA_ROW_TILE = 128
 # Widest vocab block a row program loads at once; V is walked in blocks of min(next_pow2(V), this).
 # 4096 fp32 values = 16 KiB of registers over 8 warps. Not yet measured: issue 7 tunes it on H100.
 MAX_BLOCK_V = 4096
@@ -74,13 +82,16 @@ def check_targets(op, targets, vocab, ignore_index):
 
 
 def rows_per_chunk(n_rows, vocab, device, element_bytes=4, weight_grad=False):
-    """How many rows of (rows, V) logits fit the device's chunk budget (at least 1, at most N);
-    weight_grad: each chunk also adds its d weight into an fp32 buffer (a larger budget on CUDA)."""
+    """How many rows of (rows, V) logits fit the device's chunk budget (at least 1, at most N; on CUDA
+    a multiple of CUDA_ROW_TILE where the budget holds one); weight_grad: each chunk also adds its
+    d weight into an fp32 buffer (a larger budget on CUDA)."""
     if device.type == "cuda":
-        budget = CUDA_CHUNK_BYTES * (CUDA_WEIGHT_GRAD_CHUNK_FACTOR if weight_grad else 1)
+        rows = CUDA_CHUNK_BYTES * (CUDA_WEIGHT_GRAD_CHUNK_FACTOR if weight_grad else 1) // (vocab * element_bytes)
+        if rows >= CUDA_ROW_TILE:
+            rows -= rows % CUDA_ROW_TILE
     else:
-        budget = CPU_CHUNK_BYTES
-    return max(1, min(n_rows, budget // (vocab * element_bytes)))
+        rows = CPU_CHUNK_BYTES // (vocab * element_bytes)
+    return max(1, min(n_rows, rows))
 
 
 def group_chunks(group_ends, size):

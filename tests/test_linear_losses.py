@@ -576,3 +576,24 @@ def test_a_group_level_rule_sees_whole_groups(backend, device):
     want.backward()
     assert_rel_close(loss, want, 1e-5, "loss")
     check_grads([h.grad, w.grad, b.grad], [h64.grad, w64.grad, b64.grad], 1e-5)
+
+
+@pytest.mark.parametrize("vocab, weight_grad, budget_rows, rows", [
+    (128256, False, 523, 512),    # Llama 3 at 128 MiB: 16 chunks of 512 for N=8192, not 15 of 523 + 347
+    (128256, True, 2092, 2048),   # the d-weight budget (4x): 4 chunks of 2048
+    (151936, False, 441, 384),    # Qwen 2
+    (600_000, False, 111, 111),   # under one tile: the budget's own count
+])
+def test_cuda_chunks_fill_whole_gemm_tiles(vocab, weight_grad, budget_rows, rows, monkeypatch):
+    """On CUDA a chunk's rows are rounded down to a multiple of CUDA_ROW_TILE (whole cuBLAS tiles in
+    every chunk GEMM but the last), never above the byte budget; the CPU keeps the budget's count."""
+    monkeypatch.setattr(_lm_head, "CUDA_CHUNK_BYTES", 128 * 2**20)  # the shipped budgets, not the tests' small one
+    monkeypatch.setattr(_lm_head, "CUDA_WEIGHT_GRAD_CHUNK_FACTOR", 4)
+    monkeypatch.setattr(_lm_head, "CPU_CHUNK_BYTES", 64 * 2**20)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    budget = _lm_head.CUDA_CHUNK_BYTES * (_lm_head.CUDA_WEIGHT_GRAD_CHUNK_FACTOR if weight_grad else 1)
+    assert budget // (vocab * 2) == budget_rows
+    assert _lm_head.rows_per_chunk(8192, vocab, cuda, 2, weight_grad) == rows
+    assert rows * vocab * 2 <= budget and (rows % _lm_head.CUDA_ROW_TILE == 0 or rows == budget_rows)
+    assert _lm_head.rows_per_chunk(300, vocab, cuda, 2, weight_grad) == min(300, rows)  # never above N
+    assert _lm_head.rows_per_chunk(8192, 32000, cpu, 4) == _lm_head.CPU_CHUNK_BYTES // (32000 * 4)
