@@ -196,7 +196,9 @@ def measure(device, shape, sweep=(), cpu_rep=5, on_rows=lambda rows: None, in_tu
                 "p80_ms": p80, "peak_mb": peak, "rate": f"{flops / median / 1e9:.2f} TFLOP/s (3 GEMMs)"}
 
     rows = []
-    if not (device != "cpu" if in_turn is None else in_turn):
+    if in_turn is None:
+        in_turn = device != "cpu"
+    if not in_turn:
         check(inputs, fns, *tols)
         for name, timing in interleaved_ms(runs, warmup=1, rep=cpu_rep).items():
             peak = child_peak_rss_mb("bench.linear_ppo", "--rss-child", name, *shape_args(shape)) if name in alone else None
